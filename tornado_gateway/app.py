@@ -1,0 +1,39 @@
+"""make_app(): the whole URL table in one place."""
+
+from __future__ import annotations
+
+import logging
+
+from tornado.web import Application, RequestHandler
+
+from . import http_api
+from .gateway import Gateway
+from .ws_handler import GatewaySocket
+
+access_log = logging.getLogger("tornado_gateway.access")
+
+
+def log_request(handler: RequestHandler) -> None:
+    """Tornado's default logs the full URI, which would put `?token=` in the logs; log the path only."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    request = handler.request
+    access_log.log(level, "%d %s %s (%s) %.2fms", status, request.method, request.path, request.remote_ip,
+                   1000.0 * request.request_time())
+
+
+def make_app(gateway: Gateway) -> Application:
+    args = {"gateway": gateway}
+    return Application(
+        [
+            (r"/ws", GatewaySocket, args),
+            (r"/broadcast/user/([^/]+)", http_api.BroadcastHandler, args),
+            (r"/stats", http_api.StatsHandler, args),
+            (r"/stats/cluster", http_api.ClusterStatsHandler, args),
+            (r"/health", http_api.HealthHandler, args),
+            (r"/ready", http_api.ReadyHandler, args),
+        ],
+        log_function=log_request,
+        websocket_max_message_size=gateway.settings.max_message_size,
+        compress_response=False,
+    )

@@ -1,0 +1,97 @@
+"""Cross-instance delivery: the interface, and the embedded bus for a single instance.
+
+The gateway publishes to a user's channel without knowing where the user is;
+each instance subscribes to the channels of the users it holds (see
+`bus_redis`). `BusListener` is how the bus hands messages back: plain
+callbacks, no task per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+class BusUnavailable(Exception):
+    """Redis could not take the message; the caller tells its client to retry."""
+
+
+class BusListener(Protocol):
+    def on_user_message(self, user_id: str, data: bytes) -> None: ...
+
+    def on_control(self, data: bytes) -> None: ...
+
+    def on_bus_reconnected(self) -> None:
+        """Subscriptions are live again after an outage: re-register what Redis may have lost."""
+
+
+class Bus(Protocol):
+    @property
+    def ready(self) -> bool:
+        """Connected and subscribed: what /ready reports."""
+
+    async def start(self, listener: BusListener) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def subscribe_user(self, user_id: str) -> None:
+        """Returns once messages for the user will reach this instance (or Redis is down: then on reconnect)."""
+
+    def unsubscribe_user(self, user_id: str) -> None: ...
+
+    async def publish_user(self, user_id: str, data: str) -> None: ...
+
+    async def publish_event(self, kind: str, data: str) -> None: ...
+
+    async def append_dispatch_response(self, data: str) -> None:
+        """XADD to the dispatch stream (capped), then PUBLISH to its channel."""
+
+    async def send_control(self, server_id: str, data: str) -> None: ...
+
+    async def ping(self) -> None:
+        """Check the subscriber connection is alive; a dead one is reconnected."""
+
+
+class MemoryBus:
+    """`REDIS_URL=memory://`: one instance, delivery in-process; client events are counted and dropped."""
+
+    def __init__(self) -> None:
+        self._listener: BusListener | None = None
+        self._users: set[str] = set()
+        self.events_dropped = 0
+
+    @property
+    def ready(self) -> bool:
+        return self._listener is not None
+
+    async def start(self, listener: BusListener) -> None:
+        self._listener = listener
+
+    async def stop(self) -> None:
+        self._listener = None
+
+    async def subscribe_user(self, user_id: str) -> None:
+        self._users.add(user_id)
+
+    def unsubscribe_user(self, user_id: str) -> None:
+        self._users.discard(user_id)
+
+    async def publish_user(self, user_id: str, data: str) -> None:
+        if self._listener is not None and user_id in self._users:
+            asyncio.get_running_loop().call_soon(self._listener.on_user_message, user_id, data.encode())
+
+    async def publish_event(self, kind: str, data: str) -> None:
+        self.events_dropped += 1
+        log.debug("memory bus: %s event not forwarded (no Redis)", kind)
+
+    async def append_dispatch_response(self, data: str) -> None:
+        await self.publish_event("dispatch_response", data)
+
+    async def send_control(self, server_id: str, data: str) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None

@@ -1,0 +1,311 @@
+"""Cross-instance delivery over Redis pub/sub, with one listener coroutine per instance.
+
+Each instance SUBSCRIBEs to `gateway:user:{userId}` only while it holds a
+device of that user, so a message travels only to the instances that need
+it. Subscriptions live on one dedicated connection read by one coroutine that
+hands each message to the gateway with a plain call (no task per message).
+The set of wanted channels is the source of truth: after any failure the
+listener reconnects with capped exponential backoff plus jitter and
+subscribes to all of them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from typing import Any, cast
+
+import hiredis
+import redis.exceptions
+from redis.asyncio import Redis
+from redis.asyncio.connection import parse_url
+
+from . import metrics as m
+from .bus import BusListener, BusUnavailable
+from .metrics import Metrics
+from .redis_keys import Keys
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBE_CHUNK = 1000
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (so a fleet does not reconnect in lockstep)."""
+
+    __slots__ = ("base_s", "cap_s", "attempt")
+
+    def __init__(self, base_s: float = 0.1, cap_s: float = 5.0) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap_s, self.base_s * (2 ** self.attempt))
+        self.attempt += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class SubscriberConnection:
+    """A bare RESP connection for the subscriber side, parsed by hiredis.
+
+    redis-py's own connection consumes subscribe confirmations as "push
+    responses" and wraps every reply in Python-level machinery; the listener
+    needs neither. Writes here are synchronous (`transport.write`), so
+    SUBSCRIBE/UNSUBSCRIBE reach Redis in exactly the order they were issued.
+    """
+
+    __slots__ = ("_host", "_port", "_username", "_password", "_ssl", "_unix_path", "_reader", "_writer", "_parser")
+
+    def __init__(self, url: str) -> None:
+        kwargs = parse_url(url)
+        self._host = str(kwargs.get("host", "localhost"))
+        self._port = int(kwargs.get("port", 6379))
+        self._username = kwargs.get("username")
+        self._password = kwargs.get("password")
+        self._ssl = "SSL" in getattr(kwargs.get("connection_class"), "__name__", "")
+        self._unix_path = kwargs.get("path")
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._parser = hiredis.Reader()
+
+    async def connect(self, timeout_s: float = 2.0) -> None:
+        if self._unix_path:
+            opening = asyncio.open_unix_connection(self._unix_path)
+        else:
+            opening = asyncio.open_connection(self._host, self._port, ssl=True if self._ssl else None)
+        self._reader, self._writer = await asyncio.wait_for(opening, timeout_s)
+        if self._password:
+            auth = ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)
+            self.send(*auth)
+            reply = (await asyncio.wait_for(self.read_replies(), timeout_s))[0]
+            if isinstance(reply, Exception):
+                raise ConnectionError(f"Redis refused AUTH: {reply}")
+
+    def send(self, *args: str) -> None:
+        if self._writer is None or self._writer.is_closing():
+            raise ConnectionError("subscriber connection is closed")
+        self._writer.write(hiredis.pack_command(cast(Any, args)))  # its stub types a 1-tuple
+
+    async def read_replies(self) -> list[Any]:
+        """Every complete reply available after one socket read (at least one)."""
+        assert self._reader is not None
+        replies: list[Any] = []
+        while not replies:
+            data = await self._reader.read(65536)
+            if not data:
+                raise ConnectionError("Redis closed the subscriber connection")
+            self._parser.feed(data)
+            reply = self._parser.gets()
+            while reply is not False:
+                replies.append(reply)
+                reply = self._parser.gets()
+        return replies
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class RedisBus:
+    def __init__(self, redis: Redis, url: str, keys: Keys, server_id: str, metrics: Metrics, *,
+                 stream_maxlen: int) -> None:
+        self._redis = redis
+        self._url = url
+        self._keys = keys
+        self._metrics = metrics
+        self._stream_maxlen = stream_maxlen
+        self._control_channel = keys.control(server_id)
+        self._control_channel_b = self._control_channel.encode()
+        self._user_prefix_b = keys.user_channel_prefix.encode()
+        self._wanted: set[str] = set()
+        self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
+        self._conn: SubscriberConnection | None = None
+        self._listener: BusListener | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready = False
+        self._stopping = False
+        self._last_reply = time.monotonic()
+        self._first_connect = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self, listener: BusListener) -> None:
+        self._listener = listener
+        self._task = asyncio.create_task(self._run(), name="redis-bus-listener")
+        try:
+            await asyncio.wait_for(self._first_connect.wait(), timeout=5.0)
+        except TimeoutError:
+            log.warning("Redis pub/sub not connected yet; retrying in the background")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    # --- subscriptions ------------------------------------------------------------------------
+
+    async def subscribe_user(self, user_id: str) -> None:
+        channel = self._keys.user_channel(user_id)
+        self._wanted.add(channel)
+        conn = self._conn
+        if conn is None or not self._ready:
+            return  # subscribed on reconnect
+        waiter = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(channel.encode(), deque()).append(waiter)
+        try:
+            conn.send("SUBSCRIBE", channel)
+        except REDIS_ERRORS:
+            return  # the listener sees the failure too and resubscribes everything
+        await waiter
+
+    def unsubscribe_user(self, user_id: str) -> None:
+        channel = self._keys.user_channel(user_id)
+        self._wanted.discard(channel)
+        conn = self._conn
+        if conn is not None and self._ready:
+            self._send_quietly(conn, "UNSUBSCRIBE", channel)
+
+    @staticmethod
+    def _send_quietly(conn: SubscriberConnection, *args: str) -> None:
+        try:
+            conn.send(*args)
+        except REDIS_ERRORS:
+            pass  # the listener reconnects and resubscribes from _wanted
+
+    # --- publishing ---------------------------------------------------------------------------
+
+    async def publish_user(self, user_id: str, data: str) -> None:
+        await self._publish(self._keys.user_channel(user_id), data)
+
+    async def publish_event(self, kind: str, data: str) -> None:
+        await self._publish(self._keys.events(kind), data)
+
+    async def send_control(self, server_id: str, data: str) -> None:
+        await self._publish(self._keys.control(server_id), data)
+
+    async def _publish(self, channel: str, data: str) -> None:
+        started = time.perf_counter()
+        try:
+            await self._redis.publish(channel, data)
+        except REDIS_ERRORS as exc:
+            self._metrics.incr(m.REDIS_ERRORS)
+            raise BusUnavailable(str(exc)) from None
+        self._metrics.timing(m.REDIS_PUBLISH_MS, (time.perf_counter() - started) * 1000.0)
+
+    async def append_dispatch_response(self, data: str) -> None:
+        started = time.perf_counter()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._keys.dispatch_stream, {"data": data}, maxlen=self._stream_maxlen, approximate=True)
+                pipe.publish(self._keys.events("dispatch_response"), data)
+                await pipe.execute()
+        except REDIS_ERRORS as exc:
+            self._metrics.incr(m.REDIS_ERRORS)
+            raise BusUnavailable(str(exc)) from None
+        self._metrics.timing(m.REDIS_PUBLISH_MS, (time.perf_counter() - started) * 1000.0)
+
+    async def ping(self) -> None:
+        """Called from the housekeeping timer: a silent subscriber connection is a dead one."""
+        conn = self._conn
+        if conn is None or not self._ready:
+            return
+        if time.monotonic() - self._last_reply > 10.0:
+            log.warning("Redis pub/sub connection silent for 10 s; reconnecting")
+            conn.close()
+            return
+        self._send_quietly(conn, "PING")
+
+    # --- the listener -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = Backoff()
+        connected_before = False
+        while not self._stopping:
+            conn = SubscriberConnection(self._url)
+            delay = backoff.next_delay()
+            try:
+                await conn.connect()
+                self._conn = conn
+                self._subscribe_all(conn)
+                self._ready = True
+                self._last_reply = time.monotonic()
+                backoff.reset()
+                self._first_connect.set()
+                if connected_before:
+                    log.info("Redis pub/sub reconnected; %d channels resubscribed", len(self._wanted) + 1)
+                    self._metrics.incr(m.REDIS_RECONNECTS)
+                    assert self._listener is not None
+                    self._listener.on_bus_reconnected()
+                connected_before = True
+                await self._read_forever(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means: reconnect
+                if not self._stopping:
+                    log.warning("Redis pub/sub unavailable (%s); retrying in %.2f s", exc, delay)
+                    self._metrics.incr(m.REDIS_ERRORS)
+            finally:
+                self._ready = False
+                self._conn = None
+                self._release_pending()
+                conn.close()
+            if not self._stopping:
+                await asyncio.sleep(delay)
+
+    def _subscribe_all(self, conn: SubscriberConnection) -> None:
+        channels = [self._control_channel, *self._wanted]
+        for start in range(0, len(channels), SUBSCRIBE_CHUNK):
+            conn.send("SUBSCRIBE", *channels[start:start + SUBSCRIBE_CHUNK])
+
+    async def _read_forever(self, conn: SubscriberConnection) -> None:
+        listener = self._listener
+        assert listener is not None
+        prefix, prefix_len, control = self._user_prefix_b, len(self._user_prefix_b), self._control_channel_b
+        while True:
+            replies = await conn.read_replies()
+            self._last_reply = time.monotonic()
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    log.warning("Redis pub/sub error reply: %s", reply)
+                    continue
+                kind = reply[0]
+                if kind == b"message":
+                    channel = reply[1]
+                    if channel.startswith(prefix):
+                        listener.on_user_message(channel[prefix_len:].decode(), reply[2])
+                    elif channel == control:
+                        listener.on_control(reply[2])
+                elif kind == b"subscribe":
+                    self._confirm(reply[1])
+
+    def _confirm(self, channel: bytes) -> None:
+        waiters = self._pending.get(channel)
+        if waiters:
+            waiter = waiters.popleft()
+            if not waiters:
+                del self._pending[channel]
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _release_pending(self) -> None:
+        """Nobody waits on a dead connection: those channels are resubscribed on reconnect."""
+        for waiters in self._pending.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        self._pending.clear()

@@ -1,0 +1,201 @@
+"""Configuration: every option defined once, read from a conf file, then the environment.
+
+Precedence (lowest first): built-in defaults, a `tornado.options` conf file
+(`--conf`, or `GATEWAY_CONF`), environment variables, command-line flags. Conf
+files are executed as Python by `tornado.options`, so only load files you trust.
+The result is a frozen `Settings`, passed explicitly to every component; nothing
+reads configuration from module globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from tornado.options import OptionParser
+
+DEV_JWT_SECRET = "dev-insecure-secret-do-not-use-in-production"
+SUPPORTED_ALGORITHMS = frozenset({"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"})
+
+
+class ConfigError(Exception):
+    """The configuration cannot run safely; the message tells the operator what to set."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    port: int = 4010
+    bind_address: str = ""
+    redis_url: str = "redis://localhost:6379"
+    redis_prefix: str = "gateway"
+    jwt_secret: str | None = None
+    jwt_public_key_file: str | None = None
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    gateway_api_key: str | None = None
+    heartbeat_interval_s: float = 30.0
+    heartbeat_timeout_s: float = 75.0
+    max_message_size: int = 65536
+    instance_ttl_s: float = 15.0
+    statsd_host: str = "localhost"
+    statsd_port: int = 8125
+    statsd_prefix: str = "gateway"
+    server_id: str = ""
+    processes: int = 1
+    reuse_port: bool = False
+    shutdown_drain_s: float = 0.0
+    dispatch_stream_maxlen: int = 100_000
+    log_level: str = "INFO"
+    dev: bool = False
+
+    @property
+    def jwt_key(self) -> str:
+        """The key tokens are verified with: the HMAC secret or the PEM public key."""
+        if self.jwt_public_key_file:
+            with open(self.jwt_public_key_file, encoding="utf-8") as f:
+                return f.read()
+        return self.jwt_secret or ""
+
+
+# name -> (type, environment variable). Defaults come from Settings.
+_OPTIONS: dict[str, tuple[type, str]] = {
+    "port": (int, "PORT"),
+    "bind_address": (str, "BIND_ADDRESS"),
+    "redis_url": (str, "REDIS_URL"),
+    "redis_prefix": (str, "REDIS_PREFIX"),
+    "jwt_secret": (str, "JWT_SECRET"),
+    "jwt_public_key_file": (str, "JWT_PUBLIC_KEY_FILE"),
+    "jwt_algorithms": (str, "JWT_ALGORITHMS"),
+    "jwt_issuer": (str, "JWT_ISSUER"),
+    "jwt_audience": (str, "JWT_AUDIENCE"),
+    "gateway_api_key": (str, "GATEWAY_API_KEY"),
+    "heartbeat_interval_s": (float, "HEARTBEAT_INTERVAL"),
+    "heartbeat_timeout_s": (float, "HEARTBEAT_TIMEOUT"),
+    "max_message_size": (int, "MAX_MESSAGE_SIZE"),
+    "instance_ttl_s": (float, "INSTANCE_TTL"),
+    "statsd_host": (str, "STATSD_HOST"),
+    "statsd_port": (int, "STATSD_PORT"),
+    "statsd_prefix": (str, "STATSD_PREFIX"),
+    "server_id": (str, "SERVER_ID"),
+    "processes": (int, "PROCESSES"),
+    "reuse_port": (bool, "REUSE_PORT"),
+    "shutdown_drain_s": (float, "SHUTDOWN_DRAIN_SECONDS"),
+    "dispatch_stream_maxlen": (int, "DISPATCH_STREAM_MAXLEN"),
+    "log_level": (str, "LOG_LEVEL"),
+}
+
+#: Conf files may use the contract's short names (heartbeat_interval) too.
+_CONF_ALIASES = {"heartbeat_interval": "heartbeat_interval_s", "heartbeat_timeout": "heartbeat_timeout_s",
+                 "instance_ttl": "instance_ttl_s", "shutdown_drain_seconds": "shutdown_drain_s"}
+
+
+def env_name(option: str) -> str:
+    return _OPTIONS[option][1]
+
+
+def _read_conf_file(path: str) -> dict[str, Any]:
+    parser = OptionParser()
+    for name, (kind, _env) in _OPTIONS.items():
+        parser.define(name, type=kind, default=None)
+    for alias, target in _CONF_ALIASES.items():
+        parser.define(alias, type=_OPTIONS[target][0], default=None)
+    parser.parse_config_file(path, final=False)
+    values = {name: value for name, value in parser.as_dict().items() if value is not None}
+    for alias, target in _CONF_ALIASES.items():
+        if alias in values:
+            values[target] = values.pop(alias)
+    return values
+
+
+def _convert(kind: type, raw: str, env: str) -> Any:
+    try:
+        if kind is bool:
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{env}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, (kind, var) in _OPTIONS.items():
+        raw = env.get(var)
+        if raw is not None and raw != "":
+            values[name] = _convert(kind, raw, var)
+    return values
+
+
+def _normalise(values: dict[str, Any]) -> dict[str, Any]:
+    algorithms = values.get("jwt_algorithms")
+    if isinstance(algorithms, str):
+        values["jwt_algorithms"] = tuple(a.strip() for a in algorithms.split(",") if a.strip())
+    values["log_level"] = str(values.get("log_level", "INFO")).upper()
+    return values
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    conf_file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    dev: bool = False,
+) -> Settings:
+    """Build Settings from defaults < conf file < environment < explicit overrides (the CLI)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    conf_file = conf_file or env.get("GATEWAY_CONF") or None
+    if conf_file:
+        if not os.path.exists(conf_file):
+            raise ConfigError(f"config file {conf_file} does not exist")
+        values.update(_read_conf_file(conf_file))
+    values.update(_read_env(env))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values = _normalise(values)
+    if dev:
+        values["dev"] = True
+        if not values.get("jwt_secret") and not values.get("jwt_public_key_file"):
+            values["jwt_secret"] = DEV_JWT_SECRET
+    if not values.get("server_id"):
+        values["server_id"] = uuid.uuid4().hex[:12]
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    """Refuse settings that would run insecurely or misbehave, with the fix in the message."""
+    bad_algs = set(settings.jwt_algorithms) - SUPPORTED_ALGORITHMS
+    if bad_algs or not settings.jwt_algorithms:
+        raise ConfigError(
+            f"JWT_ALGORITHMS must list algorithms from {sorted(SUPPORTED_ALGORITHMS)}; got {settings.jwt_algorithms}"
+        )
+    if settings.heartbeat_interval_s <= 0 or settings.heartbeat_timeout_s <= settings.heartbeat_interval_s:
+        raise ConfigError("HEARTBEAT_INTERVAL must be > 0 and HEARTBEAT_TIMEOUT greater than it")
+    if settings.max_message_size < 256:
+        raise ConfigError("MAX_MESSAGE_SIZE must be at least 256 bytes")
+    if settings.instance_ttl_s < 1:
+        raise ConfigError("INSTANCE_TTL must be at least 1 second")
+    if settings.processes < 1:
+        raise ConfigError("PROCESSES must be at least 1")
+    asymmetric = [a for a in settings.jwt_algorithms if not a.startswith("HS")]
+    if asymmetric and not settings.jwt_public_key_file:
+        raise ConfigError(f"JWT_ALGORITHMS={','.join(asymmetric)} needs JWT_PUBLIC_KEY_FILE (a PEM public key)")
+    if settings.jwt_public_key_file and not os.path.exists(settings.jwt_public_key_file):
+        raise ConfigError(f"JWT_PUBLIC_KEY_FILE {settings.jwt_public_key_file} does not exist")
+    symmetric = [a for a in settings.jwt_algorithms if a.startswith("HS")]
+    if symmetric and asymmetric:
+        # Mixing families lets an attacker sign HS256 tokens with the public key (key confusion).
+        raise ConfigError("JWT_ALGORITHMS may not mix HS* with RS*/ES* algorithms")
+    if symmetric and not settings.jwt_secret:
+        raise ConfigError(
+            "JWT_SECRET is not set: the gateway cannot verify tokens. Set JWT_SECRET (or JWT_PUBLIC_KEY_FILE "
+            "with JWT_ALGORITHMS=RS256), or run with --dev for an insecure development secret."
+        )

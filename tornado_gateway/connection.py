@@ -1,0 +1,78 @@
+"""One client connection as the rest of the gateway sees it: identity, liveness, send and close.
+
+Kept small (`__slots__`, no per-connection tasks or timers) because an instance
+holds tens of thousands of them; the Tornado handler behind it is reached only
+through the `Transport` protocol so that the hub and the heartbeats stay free
+of Tornado and can be tested without sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from .auth import Identity
+from .errors import CLOSE_ERRORS, CloseCode, ErrorCode
+from .messages import IdGenerator, dumps, envelope, error_payload
+
+log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    def write_frame(self, data: str | bytes) -> bool:
+        """Queue one text frame; False when the socket is already gone."""
+
+    def close_transport(self, code: int, reason: str) -> None: ...
+
+    def buffered_bytes(self) -> int:
+        """Bytes queued for the client and not yet written to the socket."""
+
+
+class Connection:
+    __slots__ = ("connection_id", "identity", "transport", "last_seen", "opened_at", "closed", "close_code",
+                 "close_reason", "bucket", "remote_ip")
+
+    def __init__(self, connection_id: str, identity: Identity, transport: Transport, remote_ip: str) -> None:
+        self.connection_id = connection_id
+        self.identity = identity
+        self.transport = transport
+        self.remote_ip = remote_ip
+        self.last_seen = time.monotonic()
+        self.opened_at = time.time()
+        self.closed = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.bucket = -1  # heartbeat bucket; owned by heartbeat.HeartbeatScheduler
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
+
+    def send(self, data: str | bytes) -> bool:
+        """Queue a frame; never raises, so one dead socket cannot break a fan-out loop."""
+        if self.closed:
+            return False
+        return self.transport.write_frame(data)
+
+    def send_error(self, ids: IdGenerator, code: ErrorCode, message: str, ref: str | None = None) -> None:
+        self.send(dumps(envelope("error", error_payload(code, message, ref), ids.next())))
+
+    def close(self, ids: IdGenerator, code: CloseCode, message: str) -> None:
+        """Close with `code`; 4xxx codes are preceded by their error frame, as the contract promises."""
+        if self.closed:
+            return
+        error = CLOSE_ERRORS.get(code)
+        if error is not None:
+            self.send_error(ids, error, message)
+        self.mark_closed(code, message)
+        self.transport.close_transport(int(code), message[:120])
+
+    def mark_closed(self, code: int | None, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_code = code
+            self.close_reason = reason
+
+    def __repr__(self) -> str:
+        i = self.identity
+        return f"<Connection {self.connection_id} user={i.user_id} type={i.user_type} device={i.device_id}>"

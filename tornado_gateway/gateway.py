@@ -1,0 +1,261 @@
+"""The instance: owns the hub, presence, bus, heartbeats and metrics, and runs the connection lifecycle.
+
+Handlers (WebSocket and HTTP) get this object through `initialize()` and call
+its methods; nothing else holds mutable state. Registration order matters and
+is kept in one place here: local hub first (so a message can be delivered the
+moment the subscription is live), then the Redis subscription, then presence,
+then replacement of an older connection of the same device, then `connected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, TypedDict
+
+import ujson
+from tornado.ioloop import PeriodicCallback
+
+from . import metrics as m
+from .auth import Identity, TokenVerifier
+from .bus import Bus, BusUnavailable
+from .config import Settings
+from .connection import Connection, Transport
+from .errors import CloseCode, ValidationError, close_reason_name
+from .heartbeat import HeartbeatScheduler
+from .hub import Hub
+from .messages import ConnectedPayload, IdGenerator, dumps, envelope, validate_service_message
+from .metrics import Metrics
+from .presence import Presence, ServerStats, uptime_s
+
+log = logging.getLogger(__name__)
+
+METRICS_FLUSH_MS = 1000.0
+
+
+class ControlMessage(TypedDict):
+    """Sent on `gateway:control:{serverId}`: close one device's connection there (replacement)."""
+
+    op: str
+    userId: str
+    deviceId: str
+    connectionId: str
+
+
+class Gateway:
+    def __init__(self, settings: Settings, presence: Presence, bus: Bus, metrics: Metrics) -> None:
+        self.settings = settings
+        self.server_id = settings.server_id
+        self.presence = presence
+        self.bus = bus
+        self.metrics = metrics
+        self.hub = Hub()
+        self.ids = IdGenerator(settings.server_id)
+        self.verifier = TokenVerifier(settings)
+        self.started_at = time.time()
+        self.draining = False
+        self.heartbeats = HeartbeatScheduler(
+            settings.heartbeat_interval_s, settings.heartbeat_timeout_s, self.ids,
+            on_stale=self._close_stale, on_tick=self._heartbeat_ticked)
+        self._timers: list[PeriodicCallback] = []
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.bus.start(self)
+        self.heartbeats.start()
+        housekeeping_ms = min(self.settings.instance_ttl_s / 3.0, 5.0) * 1000.0
+        self._timers = [PeriodicCallback(self._housekeeping, housekeeping_ms),
+                        PeriodicCallback(self.metrics.flush, METRICS_FLUSH_MS)]
+        for timer in self._timers:
+            timer.start()
+        await self._housekeeping()
+
+    async def drain(self) -> None:
+        """SIGTERM: close every client with 1001, spread over the drain window, then deregister."""
+        self.draining = True
+        self.heartbeats.stop()
+        for timer in self._timers:
+            timer.stop()
+        connections = list(self.hub)
+        log.info("draining %d connections over %.1f s", len(connections), self.settings.shutdown_drain_s)
+        window_s = self.settings.shutdown_drain_s
+        batches = max(1, min(len(connections), int(window_s * 20)))
+        for index in range(batches):
+            for conn in connections[index::batches]:
+                conn.close(self.ids, CloseCode.GOING_AWAY, "server shutting down")
+            if window_s > 0 and index < batches - 1:
+                await asyncio.sleep(window_s / batches)
+        await asyncio.sleep(0.05)  # let the close frames reach the sockets
+        try:
+            await self.presence.remove_server(connections)
+        except Exception:
+            log.warning("could not deregister from Redis; peers will reap this instance", exc_info=True)
+        await self.bus.stop()
+        self.metrics.flush()
+
+    # --- connections --------------------------------------------------------------------------
+
+    async def connect(self, identity: Identity, transport: Transport, remote_ip: str) -> Connection:
+        conn = Connection(self.ids.next(), identity, transport, remote_ip)
+        added = self.hub.add(conn)
+        self.heartbeats.add(conn)
+        if added.replaced is not None:
+            self._replace(added.replaced)
+        if added.first_for_user:
+            await self.bus.subscribe_user(identity.user_id)
+        await self._register_presence(conn)
+        if conn.closed:
+            return conn
+        payload: ConnectedPayload = {
+            "connectionId": conn.connection_id, "serverId": self.server_id, "userId": identity.user_id,
+            "userType": identity.user_type, "deviceId": identity.device_id, "platform": identity.platform,
+            "heartbeatInterval": int(self.settings.heartbeat_interval_s * 1000)}
+        conn.send(dumps(envelope("connected", payload, self.ids.next())))
+        self.metrics.incr(m.CONNECTIONS_OPENED)
+        log.info("opened %s user=%s type=%s device=%s platform=%s server=%s ip=%s", conn.connection_id,
+                 identity.user_id, identity.user_type, identity.device_id, identity.platform, self.server_id,
+                 remote_ip)
+        return conn
+
+    async def _register_presence(self, conn: Connection) -> None:
+        try:
+            previous = await self.presence.register(conn)
+        except Exception:  # noqa: BLE001 - degraded mode: the entry is written again on reconnect
+            log.warning("presence unavailable; %s registered locally only", conn.connection_id)
+            return
+        if conn.closed:
+            # Closed while we awaited Redis: its own cleanup ran before the entry existed.
+            await self._unregister_presence(conn, last_local=not self.hub.has_user(conn.identity.user_id))
+            return
+        if previous is None or previous["connectionId"] == conn.connection_id:
+            return
+        if previous["serverId"] != self.server_id:
+            control: ControlMessage = {"op": "close", "userId": conn.identity.user_id,
+                                       "deviceId": conn.identity.device_id,
+                                       "connectionId": previous["connectionId"]}
+            try:
+                await self.bus.send_control(previous["serverId"], dumps(control))
+            except BusUnavailable:
+                log.warning("could not ask %s to close a replaced connection", previous["serverId"])
+
+    def _replace(self, old: Connection) -> None:
+        old.close(self.ids, CloseCode.REPLACED, "replaced by a new connection from the same device")
+        self._forget(old)
+
+    def disconnect(self, conn: Connection, code: int | None, reason: str) -> None:
+        """Called once the socket is closed, whoever closed it: always cleans up local and Redis state."""
+        conn.mark_closed(code, reason)
+        last_local = self._forget(conn)
+        if self.draining:
+            return  # drain() removes this instance's entries in one sweep
+        self._spawn(self._unregister_presence(conn, last_local=last_local))
+
+    def _forget(self, conn: Connection) -> bool:
+        """Local cleanup; returns whether the user has no device left here. Idempotent."""
+        if conn.bucket < 0:
+            return False  # already forgotten (the heartbeat bucket is the registration marker)
+        self.heartbeats.remove(conn)
+        last_local = self.hub.remove(conn)
+        if last_local:
+            self.bus.unsubscribe_user(conn.identity.user_id)
+        self.metrics.incr(m.CONNECTIONS_CLOSED.format(reason=close_reason_name(conn.close_code)))
+        ident = conn.identity
+        log.info("closed %s user=%s type=%s device=%s server=%s code=%s reason=%s after=%.1fs",
+                 conn.connection_id, ident.user_id, ident.user_type, ident.device_id, self.server_id,
+                 conn.close_code, conn.close_reason or "-", time.time() - conn.opened_at)
+        return last_local
+
+    async def _unregister_presence(self, conn: Connection, *, last_local: bool) -> None:
+        try:
+            await self.presence.unregister(conn, last_local=last_local)
+        except Exception:  # noqa: BLE001 - reaped by resync or dead-instance cleanup
+            log.warning("could not remove presence of %s", conn.connection_id)
+
+    def _close_stale(self, conn: Connection) -> None:
+        conn.close(self.ids, CloseCode.HEARTBEAT_TIMEOUT, "no frame within the heartbeat timeout")
+        self._forget(conn)
+
+    # --- delivery (BusListener) ---------------------------------------------------------------
+
+    def on_user_message(self, user_id: str, data: bytes) -> None:
+        devices = self.hub.devices(user_id)
+        if not devices:
+            return
+        prepared = self.prepare_outbound(data)
+        if prepared is None:
+            return
+        frame, kind = prepared
+        for conn in list(devices.values()):
+            conn.send(frame)
+        self.metrics.incr(m.MESSAGES_OUT.format(type=kind), len(devices))
+
+    def prepare_outbound(self, data: bytes) -> tuple[bytes, str] | None:
+        """Check a service message once per user (not per device); add id/timestamp only if missing."""
+        try:
+            kind, payload, ref, stamp = validate_service_message(ujson.loads(data))
+            if ref is not None and stamp is not None:
+                return data, kind
+            return dumps(envelope(kind, payload, ref or self.ids.next(), stamp)).encode(), kind
+        except (ValueError, OverflowError, RecursionError, ValidationError) as exc:
+            self.metrics.incr(m.MESSAGES_DROPPED.format(reason="invalid"))
+            log.warning("dropped an undeliverable message from Redis: %s", exc)
+            return None
+
+    def on_control(self, data: bytes) -> None:
+        try:
+            control = ujson.loads(data)
+            conn = self.hub.get(control["connectionId"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed control message")
+            return
+        if control.get("op") == "close" and conn is not None and conn.identity.device_id == control.get("deviceId"):
+            self._replace(conn)
+
+    def on_bus_reconnected(self) -> None:
+        self._spawn(self._resync())
+
+    async def _resync(self) -> None:
+        try:
+            await self.presence.resync(list(self.hub))
+            await self.presence.publish_server(self.stats())
+        except Exception:
+            log.warning("presence resync failed", exc_info=True)
+
+    async def publish_to_user(self, user_id: str, message: dict[str, Any]) -> str:
+        """Validate and publish a service message (broadcast API); returns its id."""
+        kind, payload, ref, stamp = validate_service_message(message)
+        message_id = ref or self.ids.next()
+        await self.bus.publish_user(user_id, dumps(envelope(kind, payload, message_id, stamp)))
+        return message_id
+
+    # --- stats and housekeeping ---------------------------------------------------------------
+
+    def stats(self) -> ServerStats:
+        return {"serverId": self.server_id, "totalConnections": len(self.hub),
+                "uniqueUsers": self.hub.unique_users, "byUserType": self.hub.by_user_type(),
+                "uptime": uptime_s(self.started_at)}
+
+    async def _housekeeping(self) -> None:
+        stats = self.stats()
+        self.metrics.gauge(m.CONNECTIONS_TOTAL, stats["totalConnections"])
+        self.metrics.gauge(m.USERS_UNIQUE, stats["uniqueUsers"])
+        for user_type, count in stats["byUserType"].items():
+            self.metrics.gauge(m.CONNECTIONS_ACTIVE.format(user_type=user_type), count)
+        try:
+            await self.bus.ping()
+            await self.presence.publish_server(stats)
+            await self.presence.reap_dead_servers()
+        except Exception as exc:  # noqa: BLE001 - Redis down: /ready says so, retried next tick
+            log.warning("housekeeping skipped: %s", exc)
+
+    def _heartbeat_ticked(self, sent: int, elapsed_ms: float) -> None:
+        self.metrics.incr(m.HEARTBEATS_SENT, sent)
+        self.metrics.timing(m.HEARTBEAT_TICK_MS, elapsed_ms)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

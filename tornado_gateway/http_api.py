@@ -1,0 +1,135 @@
+"""The HTTP side: broadcast for services, stats, health and readiness.
+
+Errors are JSON (`{"error": CODE, "message": ...}`) and never carry a
+traceback. The API key is compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from typing import Any
+
+import ujson
+from redis.exceptions import RedisError
+from tornado.web import RequestHandler
+
+from . import metrics as m
+from .bus import BusUnavailable
+from .errors import ErrorCode, ValidationError
+from .gateway import Gateway
+from .messages import MAX_ID_LENGTH, dumps
+from .presence import sum_cluster
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class ApiHandler(RequestHandler):
+    gateway: Gateway
+
+    def initialize(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+
+    def send_json(self, status: int, body: Any) -> None:
+        self.set_status(status)
+        self.finish(dumps(body))
+
+    def send_error_json(self, status: int, code: str, message: str) -> None:
+        self.send_json(status, {"error": code, "message": message})
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # Tornado's default page would include a traceback in debug mode; never send internals.
+        self.finish(dumps({"error": "INTERNAL" if status_code >= 500 else "HTTP_ERROR",
+                           "message": self._reason}))
+
+
+class BroadcastHandler(ApiHandler):
+    async def post(self, user_id: str) -> None:
+        gateway = self.gateway
+        status = await self._broadcast(user_id)
+        gateway.metrics.incr(m.BROADCAST_REQUESTS.format(status=status))
+
+    async def _broadcast(self, user_id: str) -> int:
+        if not self._authorised():
+            return self.get_status()
+        if len(self.request.body) > self.gateway.settings.max_message_size:
+            self.send_error_json(413, "TOO_LARGE",
+                                 f"body is larger than MAX_MESSAGE_SIZE ({self.gateway.settings.max_message_size})")
+            return 413
+        if not 0 < len(user_id) <= MAX_ID_LENGTH:
+            self.send_error_json(400, ErrorCode.INVALID_PARAMS, f"userId must be 1..{MAX_ID_LENGTH} characters")
+            return 400
+        try:
+            body = ujson.loads(self.request.body)
+        except (ValueError, OverflowError, RecursionError):
+            self.send_error_json(400, ErrorCode.INVALID_JSON, "body is not valid JSON")
+            return 400
+        try:
+            devices = await self.gateway.presence.device_count(user_id)
+            message_id = await self.gateway.publish_to_user(user_id, body)
+        except ValidationError as exc:
+            self.send_error_json(400, exc.code, exc.message)
+            return 400
+        except (BusUnavailable, RedisError) as exc:
+            log.warning("broadcast to %s failed: %s", user_id, exc)
+            self.send_error_json(503, ErrorCode.UNAVAILABLE, "Redis is unavailable; retry later")
+            return 503
+        self.send_json(202, {"messageId": message_id, "devices": devices})
+        return 202
+
+    def _authorised(self) -> bool:
+        key = self.gateway.settings.gateway_api_key
+        if key is None:
+            if is_loopback(self.request.remote_ip):
+                return True
+            self.send_error_json(403, "FORBIDDEN", "GATEWAY_API_KEY is not set: broadcast is loopback-only")
+            return False
+        header = self.request.headers.get("Authorization", "")
+        supplied = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if hmac.compare_digest(supplied.encode(), key.encode()):
+            return True
+        self.send_error_json(401, ErrorCode.AUTH_FAILED, "missing or wrong API key")
+        return False
+
+
+class StatsHandler(ApiHandler):
+    def get(self) -> None:
+        self.send_json(200, self.gateway.stats())
+
+
+class ClusterStatsHandler(ApiHandler):
+    async def get(self) -> None:
+        try:
+            await self.gateway.presence.publish_server(self.gateway.stats())  # our own figures, fresh
+            servers = await self.gateway.presence.cluster()
+        except Exception as exc:  # noqa: BLE001 - report, do not crash, when Redis is down
+            log.warning("cluster stats unavailable: %s", exc)
+            self.send_error_json(503, ErrorCode.UNAVAILABLE, "Redis is unavailable")
+            return
+        self.send_json(200, sum_cluster(servers))
+
+
+class HealthHandler(ApiHandler):
+    def get(self) -> None:
+        self.send_json(200, {"status": "ok", "serverId": self.gateway.server_id})
+
+
+class ReadyHandler(ApiHandler):
+    def get(self) -> None:
+        gateway = self.gateway
+        ready = gateway.bus.ready and not gateway.draining
+        self.send_json(200 if ready else 503, {"ready": ready, "serverId": gateway.server_id,
+                                               "redis": "connected" if gateway.bus.ready else "unavailable",
+                                               "draining": gateway.draining})

@@ -1,0 +1,289 @@
+"""Every message on the wire: typed structures, their validation, their encoding. No I/O.
+
+Validation happens at the edges (client frames, the broadcast API, messages
+services publish to Redis) so that everything behind them can trust the types.
+Unknown client payload fields are dropped, as the contract says; service
+payloads pass through untouched apart from the required fields being checked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Literal, NotRequired, TypedDict
+
+import ujson
+
+from .errors import ErrorCode, ValidationError
+
+UserType = Literal["driver", "rider", "restaurant", "delivery_partner"]
+Platform = Literal["ios", "android", "web"]
+USER_TYPES: Final[tuple[UserType, ...]] = ("driver", "rider", "restaurant", "delivery_partner")
+PLATFORMS: Final[tuple[Platform, ...]] = ("ios", "android", "web")
+
+ClientType = Literal["heartbeat_ack", "location_update", "dispatch_response"]
+ServiceType = Literal["ride_request", "ride_status", "driver_location", "eta_update", "notification", "order_status"]
+GatewayType = Literal["connected", "heartbeat", "ack", "error"]
+
+#: Payload fields the gateway requires of each service message; the rest pass through.
+SERVICE_REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "ride_request": ("requestId",),
+    "ride_status": ("rideId", "status"),
+    "driver_location": ("driverId", "latitude", "longitude"),
+    "eta_update": ("rideId", "etaSeconds"),
+    "notification": ("title", "body"),
+    "order_status": ("orderId", "status"),
+}
+
+MAX_ID_LENGTH: Final = 128
+MAX_TEXT_LENGTH: Final = 1024
+
+
+# --- client -> server -------------------------------------------------------------------------
+
+
+class HeartbeatAckPayload(TypedDict):
+    timestamp: float
+
+
+class LocationUpdatePayload(TypedDict):
+    latitude: float
+    longitude: float
+    timestamp: float
+    heading: NotRequired[float]
+    speed: NotRequired[float]
+    accuracy: NotRequired[float]
+    isAvailable: NotRequired[bool]
+    tripId: NotRequired[str]
+
+
+class DispatchResponsePayload(TypedDict):
+    requestId: str
+    action: Literal["accept", "reject"]
+    reason: NotRequired[str]
+
+
+ClientPayload = HeartbeatAckPayload | LocationUpdatePayload | DispatchResponsePayload
+
+
+class ClientMessage(TypedDict):
+    type: str
+    payload: dict[str, Any]
+    id: NotRequired[str]
+
+
+# --- server -> client -------------------------------------------------------------------------
+
+
+class Envelope(TypedDict):
+    type: str
+    payload: dict[str, Any]
+    id: str
+    timestamp: int
+
+
+class ConnectedPayload(TypedDict):
+    connectionId: str
+    serverId: str
+    userId: str
+    userType: UserType
+    deviceId: str
+    platform: Platform
+    heartbeatInterval: int
+
+
+class ErrorPayload(TypedDict):
+    code: str
+    message: str
+    ref: NotRequired[str]
+
+
+class InboundEvent(TypedDict):
+    """What a client event becomes on Redis (channel message or stream field `data`)."""
+
+    type: str
+    userId: str
+    userType: UserType
+    deviceId: str
+    serverId: str
+    connectionId: str
+    receivedAt: int
+    id: str
+    payload: dict[str, Any]
+
+
+# --- field rules ------------------------------------------------------------------------------
+
+FieldCheck = Callable[[str, Any], Any]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def number(low: float | None = None, high: float | None = None) -> FieldCheck:
+    def check(name: str, value: Any) -> Any:
+        if not _is_number(value):
+            raise ValidationError(f"payload.{name} must be a finite number")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ValidationError(f"payload.{name} must be within {low}..{high}")
+        return value
+
+    return check
+
+
+def text(max_length: int = MAX_ID_LENGTH, *, non_empty: bool = True) -> FieldCheck:
+    def check(name: str, value: Any) -> Any:
+        if not isinstance(value, str) or (non_empty and not value) or len(value) > max_length:
+            raise ValidationError(f"payload.{name} must be a string of 1..{max_length} characters")
+        return value
+
+    return check
+
+
+def one_of(*choices: str) -> FieldCheck:
+    def check(name: str, value: Any) -> Any:
+        if value not in choices:
+            raise ValidationError(f"payload.{name} must be one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def boolean(name: str, value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise ValidationError(f"payload.{name} must be true or false")
+    return value
+
+
+Schema = Mapping[str, tuple[FieldCheck, bool]]  # field -> (check, required)
+
+
+def validate_payload(schema: Schema, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Check every known field and drop the unknown ones."""
+    clean: dict[str, Any] = {}
+    for name, (check, required) in schema.items():
+        if name in payload:
+            clean[name] = check(name, payload[name])
+        elif required:
+            raise ValidationError(f"payload.{name} is required")
+    return clean
+
+
+HEARTBEAT_ACK_SCHEMA: Final[Schema] = {"timestamp": (number(), False)}
+LOCATION_UPDATE_SCHEMA: Final[Schema] = {
+    "latitude": (number(-90, 90), True),
+    "longitude": (number(-180, 180), True),
+    "heading": (number(0, 360), False),
+    "speed": (number(0), False),
+    "accuracy": (number(0), False),
+    "timestamp": (number(0), True),
+    "isAvailable": (boolean, False),
+    "tripId": (text(), False),
+}
+DISPATCH_RESPONSE_SCHEMA: Final[Schema] = {
+    "requestId": (text(), True),
+    "action": (one_of("accept", "reject"), True),
+    "reason": (text(MAX_TEXT_LENGTH, non_empty=False), False),
+}
+
+
+def decode_client_frame(frame: str | bytes) -> ClientMessage:
+    """Parse one client frame into its envelope; raises ValidationError with the contract's code."""
+    if isinstance(frame, bytes):
+        raise ValidationError("binary frames are not accepted: send UTF-8 JSON text frames", ErrorCode.INVALID_JSON)
+    try:
+        data = ujson.loads(frame)
+    except (ValueError, OverflowError, RecursionError):
+        raise ValidationError("frame is not valid JSON", ErrorCode.INVALID_JSON) from None
+    if not isinstance(data, dict):
+        raise ValidationError("frame must be a JSON object")
+    kind = data.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise ValidationError("type must be a non-empty string")
+    payload = data.get("payload", {})
+    if not isinstance(payload, dict):
+        raise ValidationError("payload must be an object")
+    message: ClientMessage = {"type": kind, "payload": payload}
+    ref = data.get("id")
+    if ref is not None:
+        if not isinstance(ref, str) or not 0 < len(ref) <= MAX_ID_LENGTH:
+            raise ValidationError(f"id must be a string of 1..{MAX_ID_LENGTH} characters")
+        message["id"] = ref
+    return message
+
+
+def client_ref(frame: str | bytes) -> str | None:
+    """Best effort: the client's `id` of a frame that failed validation, for the error's `ref`."""
+    if isinstance(frame, bytes):
+        return None
+    try:
+        data = ujson.loads(frame)
+    except (ValueError, OverflowError, RecursionError):
+        return None
+    ref = data.get("id") if isinstance(data, dict) else None
+    return ref if isinstance(ref, str) and len(ref) <= MAX_ID_LENGTH else None
+
+
+# --- service messages (broadcast API and direct Redis publishes) ------------------------------
+
+
+def validate_service_message(data: Any) -> tuple[str, dict[str, Any], str | None, int | None]:
+    """Check a service's message: (type, payload, id or None, timestamp or None)."""
+    if not isinstance(data, dict):
+        raise ValidationError("body must be a JSON object")
+    kind = data.get("type")
+    if not isinstance(kind, str) or kind not in SERVICE_REQUIRED_FIELDS:
+        raise ValidationError(f"type must be one of {', '.join(SERVICE_REQUIRED_FIELDS)}", ErrorCode.UNKNOWN_TYPE)
+    payload = data.get("payload")
+    if not isinstance(payload, dict):
+        raise ValidationError("payload must be an object")
+    missing = [f for f in SERVICE_REQUIRED_FIELDS[kind] if payload.get(f) is None]
+    if missing:
+        raise ValidationError(f"{kind} payload is missing {', '.join(missing)}")
+    ref = data.get("id")
+    if ref is not None and (not isinstance(ref, str) or not 0 < len(ref) <= MAX_ID_LENGTH):
+        raise ValidationError(f"id must be a string of 1..{MAX_ID_LENGTH} characters")
+    stamp = data.get("timestamp")
+    if not isinstance(stamp, int) or isinstance(stamp, bool):
+        stamp = None
+    return kind, payload, ref, stamp
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def dumps(data: object) -> str:
+    """Compact JSON; NaN and Infinity are refused because browsers cannot parse them."""
+    return ujson.dumps(data, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
+
+
+class IdGenerator:
+    """Message ids unique across the cluster: the instance id plus a counter (cheaper than uuid4)."""
+
+    __slots__ = ("_prefix", "_counter")
+
+    def __init__(self, server_id: str) -> None:
+        self._prefix = f"{server_id}-"
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter)}"
+
+
+def envelope(kind: str, payload: Mapping[str, Any], message_id: str, timestamp: int | None = None) -> Envelope:
+    return {"type": kind, "payload": dict(payload), "id": message_id,
+            "timestamp": now_ms() if timestamp is None else timestamp}
+
+
+def error_payload(code: ErrorCode, message: str, ref: str | None = None) -> ErrorPayload:
+    payload: ErrorPayload = {"code": code.value, "message": message}
+    if ref is not None:
+        payload["ref"] = ref
+    return payload

@@ -1,0 +1,134 @@
+"""The cluster registry: which devices of a user are connected, on which instance.
+
+`Presence` is the interface the gateway talks to; `MemoryPresence` is the
+embedded single-instance version (`REDIS_URL=memory://`), and
+`presence_redis.RedisPresence` the real one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Protocol, TypedDict
+
+from .connection import Connection
+from .messages import USER_TYPES, UserType
+
+
+class PresenceEntry(TypedDict):
+    """The value of field `deviceId` in `gateway:presence:{userId}`."""
+
+    serverId: str
+    connectionId: str
+    userType: str
+    platform: str
+    connectedAt: int
+
+
+class ServerStats(TypedDict):
+    """The `/stats` body, and one element of `/stats/cluster`'s `servers`."""
+
+    serverId: str
+    totalConnections: int
+    uniqueUsers: int
+    byUserType: dict[UserType, int]
+    uptime: int
+
+
+class ClusterStats(TypedDict):
+    totalConnections: int
+    uniqueUsers: int
+    byUserType: dict[UserType, int]
+    uptime: int
+    servers: list[ServerStats]
+
+
+def presence_entry(conn: Connection, server_id: str) -> PresenceEntry:
+    ident = conn.identity
+    return {"serverId": server_id, "connectionId": conn.connection_id, "userType": ident.user_type,
+            "platform": ident.platform, "connectedAt": int(conn.opened_at * 1000)}
+
+
+def sum_cluster(servers: list[ServerStats]) -> ClusterStats:
+    """Sums per instance. uniqueUsers is the sum too: a user on two instances counts twice."""
+    by_type: dict[UserType, int] = dict.fromkeys(USER_TYPES, 0)
+    for server in servers:
+        for user_type in USER_TYPES:
+            by_type[user_type] += server["byUserType"].get(user_type, 0)
+    return {
+        "totalConnections": sum(s["totalConnections"] for s in servers),
+        "uniqueUsers": sum(s["uniqueUsers"] for s in servers),
+        "byUserType": by_type,
+        "uptime": max((s["uptime"] for s in servers), default=0),
+        "servers": servers,
+    }
+
+
+class Presence(Protocol):
+    async def register(self, conn: Connection) -> PresenceEntry | None:
+        """Record `conn`; returns the entry it displaced (same user and device), if any."""
+
+    async def unregister(self, conn: Connection, *, last_local: bool) -> None:
+        """Remove `conn`'s entry unless a newer connection already owns the device."""
+
+    async def device_count(self, user_id: str) -> int: ...
+
+    async def publish_server(self, stats: ServerStats) -> None:
+        """Write this instance's live key (with its expiry) and membership in the server set."""
+
+    async def remove_server(self, connections: Iterable[Connection]) -> None:
+        """Deregister this instance and every entry it owns (graceful shutdown)."""
+
+    async def cluster(self) -> list[ServerStats]: ...
+
+    async def reap_dead_servers(self) -> list[str]:
+        """Remove the entries of instances whose live key expired; returns their ids."""
+
+    async def resync(self, connections: Iterable[Connection]) -> None:
+        """Write every local entry again (after Redis lost them, e.g. a restart)."""
+
+
+class MemoryPresence:
+    """Single-instance presence, for development without Redis."""
+
+    def __init__(self, server_id: str) -> None:
+        self._server_id = server_id
+        self._entries: dict[str, dict[str, PresenceEntry]] = {}
+        self._stats: ServerStats | None = None
+
+    async def register(self, conn: Connection) -> PresenceEntry | None:
+        devices = self._entries.setdefault(conn.identity.user_id, {})
+        previous = devices.get(conn.identity.device_id)
+        devices[conn.identity.device_id] = presence_entry(conn, self._server_id)
+        return previous
+
+    async def unregister(self, conn: Connection, *, last_local: bool) -> None:
+        devices = self._entries.get(conn.identity.user_id, {})
+        entry = devices.get(conn.identity.device_id)
+        if entry is not None and entry["connectionId"] == conn.connection_id:
+            del devices[conn.identity.device_id]
+        if not devices:
+            self._entries.pop(conn.identity.user_id, None)
+
+    async def device_count(self, user_id: str) -> int:
+        return len(self._entries.get(user_id, {}))
+
+    async def publish_server(self, stats: ServerStats) -> None:
+        self._stats = stats
+
+    async def remove_server(self, connections: Iterable[Connection]) -> None:
+        self._entries.clear()
+        self._stats = None
+
+    async def cluster(self) -> list[ServerStats]:
+        return [self._stats] if self._stats is not None else []
+
+    async def reap_dead_servers(self) -> list[str]:
+        return []
+
+    async def resync(self, connections: Iterable[Connection]) -> None:
+        return None
+
+
+def uptime_s(started_at: float) -> int:
+    return int(time.time() - started_at)

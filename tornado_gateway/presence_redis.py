@@ -1,0 +1,207 @@
+"""Presence in Redis: `gateway:presence:{userId}` hashes plus the per-instance live keys.
+
+Register and unregister are Lua scripts so that "who owned this device before"
+and "only delete the entry if it is still mine" are decided atomically: without
+that, a replaced connection closing on instance A would delete the entry the
+new connection on instance B just wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import cast
+
+import ujson
+from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
+
+from .connection import Connection
+from .messages import USER_TYPES, dumps
+from .presence import PresenceEntry, ServerStats, presence_entry
+from .redis_keys import Keys
+
+log = logging.getLogger(__name__)
+
+# KEYS: presence hash, server users set. ARGV: deviceId, entry JSON, userId.
+REGISTER = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+return old
+"""
+
+# KEYS: presence hash, server users set. ARGV: deviceId, connectionId, userId, last_local (1/0).
+UNREGISTER = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local ok, entry = pcall(cjson.decode, cur)
+  if ok and entry['connectionId'] == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+end
+if ARGV[4] == '1' then redis.call('SREM', KEYS[2], ARGV[3]) end
+return 1
+"""
+
+# KEYS: presence hash, server users set. ARGV: deviceId, entry JSON, userId, connectionId.
+# Re-register after Redis lost its data, without clobbering a device that reconnected elsewhere.
+RESYNC = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local ok, entry = pcall(cjson.decode, cur)
+  if ok and entry['connectionId'] ~= ARGV[4] then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1
+"""
+
+# KEYS: presence hash. ARGV: serverId. Removes every device entry owned by that instance.
+PURGE_SERVER = """
+local fields = redis.call('HGETALL', KEYS[1])
+local removed = 0
+for i = 1, #fields, 2 do
+  local ok, entry = pcall(cjson.decode, fields[i + 1])
+  if ok and entry['serverId'] == ARGV[1] then
+    redis.call('HDEL', KEYS[1], fields[i]); removed = removed + 1
+  end
+end
+return removed
+"""
+
+_STAT_FIELDS = ("totalConnections", "uniqueUsers", *USER_TYPES)
+
+
+def _decode_entry(raw: bytes | None) -> PresenceEntry | None:
+    if raw is None:
+        return None
+    try:
+        entry = ujson.loads(raw)
+    except ValueError:
+        return None
+    return cast(PresenceEntry, entry) if isinstance(entry, dict) else None
+
+
+class RedisPresence:
+    def __init__(self, redis: Redis, keys: Keys, server_id: str, instance_ttl_s: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._server_id = server_id
+        self._ttl_ms = int(instance_ttl_s * 1000)
+        self._register = redis.register_script(REGISTER)
+        self._unregister = redis.register_script(UNREGISTER)
+        self._resync = redis.register_script(RESYNC)
+        self._purge = redis.register_script(PURGE_SERVER)
+
+    async def register(self, conn: Connection) -> PresenceEntry | None:
+        ident = conn.identity
+        entry = dumps(presence_entry(conn, self._server_id))
+        old = await self._register(
+            keys=[self._keys.presence(ident.user_id), self._keys.server_users(self._server_id)],
+            args=[ident.device_id, entry, ident.user_id],
+        )
+        return _decode_entry(old)
+
+    async def unregister(self, conn: Connection, *, last_local: bool) -> None:
+        ident = conn.identity
+        await self._unregister(
+            keys=[self._keys.presence(ident.user_id), self._keys.server_users(self._server_id)],
+            args=[ident.device_id, conn.connection_id, ident.user_id, "1" if last_local else "0"],
+        )
+
+    async def device_count(self, user_id: str) -> int:
+        return int(await self._redis.hlen(self._keys.presence(user_id)))
+
+    async def publish_server(self, stats: ServerStats) -> None:
+        key = self._keys.server(self._server_id)
+        mapping: dict[FieldT, EncodableT] = {
+            "serverId": stats["serverId"],
+            "totalConnections": stats["totalConnections"],
+            "uniqueUsers": stats["uniqueUsers"],
+            "startedAt": int(time.time()) - stats["uptime"],
+            "updatedAt": int(time.time() * 1000),
+            **{user_type: stats["byUserType"][user_type] for user_type in USER_TYPES},
+        }
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=mapping)
+            pipe.pexpire(key, self._ttl_ms)
+            pipe.sadd(self._keys.servers, self._server_id)
+            await pipe.execute()
+
+    async def remove_server(self, connections: Iterable[Connection]) -> None:
+        await self._purge_instance(self._server_id)
+
+    async def _purge_instance(self, server_id: str) -> None:
+        users_key = self._keys.server_users(server_id)
+        cursor = 0
+        while True:
+            cursor, users = await self._redis.sscan(users_key, cursor, count=500)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for user in users:
+                    user_id = user.decode() if isinstance(user, bytes) else str(user)
+                    await self._purge(keys=[self._keys.presence(user_id)], args=[server_id], client=pipe)
+                await pipe.execute()
+            if cursor == 0:
+                break
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(users_key, self._keys.server(server_id))
+            pipe.srem(self._keys.servers, server_id)
+            await pipe.execute()
+
+    async def _server_ids(self) -> list[str]:
+        members = await self._redis.smembers(self._keys.servers)
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+    async def cluster(self) -> list[ServerStats]:
+        ids = await self._server_ids()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for server_id in ids:
+                pipe.hgetall(self._keys.server(server_id))
+            rows = await pipe.execute()
+        now = int(time.time())
+        servers: list[ServerStats] = []
+        for server_id, row in zip(ids, rows, strict=True):
+            if row:
+                servers.append(_stats_from_hash(server_id, row, now))
+        return servers
+
+    async def reap_dead_servers(self) -> list[str]:
+        ids = await self._server_ids()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for server_id in ids:
+                pipe.exists(self._keys.server(server_id))
+            alive = await pipe.execute()
+        dead = [server_id for server_id, exists in zip(ids, alive, strict=True)
+                if not exists and server_id != self._server_id]
+        for server_id in dead:
+            log.warning("instance %s stopped refreshing its key; removing its presence entries", server_id)
+            await self._purge_instance(server_id)
+        return dead
+
+    async def resync(self, connections: Iterable[Connection]) -> None:
+        users_key = self._keys.server_users(self._server_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for conn in connections:
+                ident = conn.identity
+                entry = dumps(presence_entry(conn, self._server_id))
+                await self._resync(keys=[self._keys.presence(ident.user_id), users_key],
+                                   args=[ident.device_id, entry, ident.user_id, conn.connection_id], client=pipe)
+            await pipe.execute()
+
+
+def _stats_from_hash(server_id: str, row: dict[bytes, bytes], now: int) -> ServerStats:
+    values = {k.decode(): v.decode() for k, v in row.items()}
+
+    def count(name: str) -> int:
+        try:
+            return int(values.get(name, 0))
+        except ValueError:
+            return 0
+
+    return {
+        "serverId": server_id,
+        "totalConnections": count("totalConnections"),
+        "uniqueUsers": count("uniqueUsers"),
+        "byUserType": {user_type: count(user_type) for user_type in USER_TYPES},
+        "uptime": max(0, now - count("startedAt")),
+    }
