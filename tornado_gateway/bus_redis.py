@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 from typing import Any, cast
@@ -24,6 +23,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 
 from . import metrics as m
+from .backoff import Backoff
 from .bus import BusListener, BusUnavailable
 from .metrics import Metrics
 from .redis_keys import Keys
@@ -32,25 +32,6 @@ log = logging.getLogger(__name__)
 
 SUBSCRIBE_CHUNK = 1000
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter (so a fleet does not reconnect in lockstep)."""
-
-    __slots__ = ("base_s", "cap_s", "attempt")
-
-    def __init__(self, base_s: float = 0.1, cap_s: float = 5.0) -> None:
-        self.base_s = base_s
-        self.cap_s = cap_s
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap_s, self.base_s * (2 ** self.attempt))
-        self.attempt += 1
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class SubscriberConnection:

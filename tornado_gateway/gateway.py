@@ -19,6 +19,7 @@ from tornado.ioloop import PeriodicCallback
 
 from . import metrics as m
 from .auth import Identity, TokenVerifier
+from .backoff import Backoff
 from .bus import Bus, BusUnavailable
 from .config import Settings
 from .connection import Connection, Transport
@@ -32,6 +33,7 @@ from .presence import Presence, ServerStats, uptime_s
 log = logging.getLogger(__name__)
 
 METRICS_FLUSH_MS = 1000.0
+RESYNC_ATTEMPTS = 8
 
 
 class ControlMessage(TypedDict):
@@ -218,11 +220,19 @@ class Gateway:
         self._spawn(self._resync())
 
     async def _resync(self) -> None:
-        try:
-            await self.presence.resync(list(self.hub))
-            await self.presence.publish_server(self.stats())
-        except Exception:
-            log.warning("presence resync failed", exc_info=True)
+        """Redis came back, possibly empty: write every local entry and our server key again."""
+        backoff = Backoff(base_s=0.1, cap_s=2.0)
+        for attempt in range(1, RESYNC_ATTEMPTS + 1):
+            try:
+                await self.presence.resync(list(self.hub))
+                await self.presence.publish_server(self.stats())
+            except Exception as exc:  # noqa: BLE001 - logged; retried below
+                # The first command on a pooled connection that Redis dropped fails; retry on a fresh one.
+                log.warning("presence resync attempt %d failed: %s", attempt, exc)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            log.info("presence resynced: %d connections", len(self.hub))
+            return
 
     async def publish_to_user(self, user_id: str, message: dict[str, Any]) -> str:
         """Validate and publish a service message (broadcast API); returns its id."""

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from tornado.web import RequestHandler
 
 from . import metrics as m
+from .auth import bearer_token
 from .bus import BusUnavailable
 from .errors import ErrorCode, ValidationError
 from .gateway import Gateway
@@ -90,18 +91,25 @@ class BroadcastHandler(ApiHandler):
         return 202
 
     def _authorised(self) -> bool:
-        key = self.gateway.settings.gateway_api_key
-        if key is None:
-            if is_loopback(self.request.remote_ip):
-                return True
-            self.send_error_json(403, "FORBIDDEN", "GATEWAY_API_KEY is not set: broadcast is loopback-only")
-            return False
-        header = self.request.headers.get("Authorization", "")
-        supplied = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        if hmac.compare_digest(supplied.encode(), key.encode()):
+        refusal = broadcast_refusal(self.gateway.settings.gateway_api_key, self.request.remote_ip,
+                                    self.request.headers.get("Authorization"))
+        if refusal is None:
             return True
-        self.send_error_json(401, ErrorCode.AUTH_FAILED, "missing or wrong API key")
+        self.send_error_json(*refusal)
         return False
+
+
+def broadcast_refusal(api_key: str | None, remote_ip: str | None,
+                      authorization: str | None) -> tuple[int, str, str] | None:
+    """None when the caller may broadcast, else (status, code, message)."""
+    if api_key is None:
+        if is_loopback(remote_ip):
+            return None
+        return 403, "FORBIDDEN", "GATEWAY_API_KEY is not set: broadcast is loopback-only"
+    supplied = bearer_token(authorization) or ""
+    if hmac.compare_digest(supplied.encode(), api_key.encode()):
+        return None
+    return 401, ErrorCode.AUTH_FAILED, "missing or wrong API key"
 
 
 class StatsHandler(ApiHandler):

@@ -1,0 +1,91 @@
+"""Fixtures: the shared Redis (or one we start), gateway processes, and cleanup after each test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from tests.helpers import SHARED_REDIS_URL, Client, GatewayProcess, RedisServer, unique
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The Redis at TEST_REDIS_URL (default 127.0.0.1:6379); if none answers, one this session starts."""
+    try:
+        redis.Redis.from_url(SHARED_REDIS_URL, socket_connect_timeout=1).ping()
+        yield SHARED_REDIS_URL
+        return
+    except redis.exceptions.ConnectionError:
+        pass
+    server = RedisServer()
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix per test module, deleted afterwards, so tests never see each other's keys."""
+    name = unique("gwtest")
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{name}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_url: str, prefix: str) -> Iterator[GatewayProcess]:
+    """One gateway shared by a module's tests (they use unique user ids)."""
+    process = GatewayProcess(redis_url, prefix).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def make_gateway(redis_url: str, prefix: str) -> Iterator[Callable[..., GatewayProcess]]:
+    """Gateways with their own settings, stopped after the test."""
+    started: list[GatewayProcess] = []
+
+    def factory(env: dict[str, str] | None = None, *, url: str | None = None, args: list[str] | None = None,
+                wait_ready: bool = True, start: bool = True) -> GatewayProcess:
+        process = GatewayProcess(url or redis_url, prefix, env, args)
+        started.append(process)
+        return process.start(wait_ready=wait_ready) if start else process
+
+    yield factory
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Client]]:
+    """Collects clients a test opens and closes them in teardown."""
+    opened: list[Client] = []
+    yield opened
+    for client in opened:
+        client.close()
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")

@@ -1,0 +1,271 @@
+"""Real processes, real sockets: a gateway process, a WebSocket client, a private redis-server.
+
+Everything here talks over loopback; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jwt
+import redis
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-secret-0123456789-0123456789-abcdef"
+SHARED_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_token(sub: str = "u1", user_type: str = "driver", *, secret: str = SECRET, ttl_s: float = 3600,
+               algorithm: str = "HS256", **claims: Any) -> str:
+    now = int(time.time())
+    body: dict[str, Any] = {"sub": sub, "userType": user_type, "iat": now, "exp": now + int(ttl_s)}
+    body.update(claims)
+    for key in [k for k, v in body.items() if v is None]:
+        del body[key]
+    return jwt.encode(body, secret, algorithm=algorithm)
+
+
+def unique(prefix: str = "u") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class RedisServer:
+    """A redis-server owned by one test, so the test may stop and restart it."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping():
+                    return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+class GatewayProcess:
+    """`python -m tornado_gateway` with its own port and environment; its log goes to a file."""
+
+    def __init__(self, redis_url: str, prefix: str, env: Mapping[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.server_id = unique("gw")
+        self.log_path = Path(tempfile.mkstemp(prefix="gateway-", suffix=".log")[1])
+        self.env = {
+            **os.environ,
+            "PORT": str(self.port), "BIND_ADDRESS": "127.0.0.1", "REDIS_URL": redis_url, "REDIS_PREFIX": prefix,
+            "JWT_SECRET": SECRET, "SERVER_ID": self.server_id, "STATSD_HOST": "", "LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.args = args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, wait_ready: bool = True) -> GatewayProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen([sys.executable, "-m", "tornado_gateway", *self.args], env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        log.close()
+        path = "/ready" if wait_ready else "/health"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+                    if b" 200 " in s.recv(100):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"gateway did not become ready:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 15) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        with contextlib.suppress(OSError):
+            self.log_path.unlink()
+
+    def ws_url(self, **params: str) -> str:
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return f"ws://127.0.0.1:{self.port}/ws?{query}"
+
+    async def connect(self, user_id: str | None = None, user_type: str = "driver", device_id: str = "d1",
+                      platform: str = "ios", token: str | None = None, headers: Mapping[str, str] | None = None,
+                      expect_connected: bool = True) -> Client:
+        user_id = user_id or unique()
+        params = {"userType": user_type, "deviceId": device_id, "platform": platform}
+        if token is None:
+            token = make_token(user_id, user_type)
+        if token:
+            params["token"] = token
+        client = await Client.open(self.ws_url(**params), headers=headers)
+        client.user_id = user_id
+        if expect_connected:
+            connected = await client.recv("connected")
+            client.connection_id = connected["payload"]["connectionId"]
+        return client
+
+    async def http(self, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None,
+                   raw: bytes | None = None) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        try:
+            response: HTTPResponse = await AsyncHTTPClient().fetch(
+                self.base + path, method=method, body=data, headers=dict(headers or {}), raise_error=True,
+                allow_nonstandard_methods=True)
+        except HTTPClientError as exc:
+            assert exc.response is not None
+            response = exc.response
+        text = response.body.decode() if response.body else ""
+        try:
+            return response.code, json.loads(text) if text else None
+        except ValueError:
+            return response.code, text
+
+
+class Client:
+    """A WebSocket client that keeps every frame it received, so tests can wait for a type."""
+
+    def __init__(self, ws: WebSocketClientConnection) -> None:
+        self.ws = ws
+        self.user_id = ""
+        self.connection_id = ""
+        self.frames: list[dict[str, Any]] = []
+
+    @classmethod
+    async def open(cls, url: str, headers: Mapping[str, str] | None = None) -> Client:
+        from tornado.httpclient import HTTPRequest
+
+        request = HTTPRequest(url, headers=dict(headers or {}), connect_timeout=5, request_timeout=5)
+        ws = await websocket_connect(request, max_message_size=10 * 1024 * 1024)
+        return cls(ws)
+
+    async def recv(self, kind: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+        """The next frame (of `kind`, skipping heartbeats unless asked for); fails on close or timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {kind or 'frame'} within {timeout}s; got {self.frames[-5:]}")
+            raw = await asyncio.wait_for(self.ws.read_message(), remaining)
+            if raw is None:
+                raise ConnectionError(f"closed {self.ws.close_code} {self.ws.close_reason} waiting for {kind}")
+            frame = json.loads(raw)
+            self.frames.append(frame)
+            if kind is None and frame["type"] == "heartbeat":
+                continue
+            if kind is None or frame["type"] == kind:
+                return frame
+
+    async def closed(self, timeout: float = 5.0) -> tuple[int | None, list[dict[str, Any]]]:
+        """Read until the server closes; returns the close code and the frames seen meanwhile."""
+        seen: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            raw = await asyncio.wait_for(self.ws.read_message(), max(0.01, deadline - time.monotonic()))
+            if raw is None:
+                return self.ws.close_code, seen
+            seen.append(json.loads(raw))
+
+    async def no_frame(self, kind: str, within: float) -> bool:
+        """True when no frame of `kind` arrives within `within` seconds."""
+        try:
+            await self.recv(kind, timeout=within)
+        except TimeoutError:
+            return True
+        return False
+
+    def send(self, frame: Any) -> None:
+        self.ws.write_message(frame if isinstance(frame, (str, bytes)) else json.dumps(frame),
+                              binary=isinstance(frame, bytes))
+
+    async def request(self, frame: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        """Send a frame with an id and return the ack or error that refers to it."""
+        ref = frame.setdefault("id", unique("m"))
+        self.send(frame)
+        while True:
+            reply = await self.recv(timeout=timeout)
+            if reply["type"] == "ack" and reply["payload"]["id"] == ref:
+                return reply
+            if reply["type"] == "error" and reply["payload"].get("ref") == ref:
+                return reply
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+async def eventually(check: Any, timeout: float = 5.0, interval: float = 0.05) -> Any:
+    """Poll `check` (sync or async) until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value {last!r})")
