@@ -10,11 +10,13 @@ reads configuration from module globals.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from tornado.options import Error as OptionsError
 from tornado.options import OptionParser
 
 DEV_JWT_SECRET = "dev-insecure-secret-do-not-use-in-production"
@@ -99,15 +101,19 @@ def env_name(option: str) -> str:
 
 def _read_conf_file(path: str) -> dict[str, Any]:
     parser = OptionParser()
-    for name, (kind, _env) in _OPTIONS.items():
-        parser.define(name, type=kind, default=None)
-    for alias, target in _CONF_ALIASES.items():
-        parser.define(alias, type=_OPTIONS[target][0], default=None)
-    parser.parse_config_file(path, final=False)
-    values = {name: value for name, value in parser.as_dict().items() if value is not None}
-    for alias, target in _CONF_ALIASES.items():
-        if alias in values:
-            values[target] = values.pop(alias)
+    for name in [*_OPTIONS, *_CONF_ALIASES]:
+        kind = _OPTIONS[_CONF_ALIASES.get(name, name)][0]
+        # numbers.Real so that `heartbeat_interval = 30` (an int) is accepted for a float option.
+        parser.define(name, type=numbers.Real if kind is float else kind, default=None)
+    try:
+        parser.parse_config_file(path, final=False)
+    except (OptionsError, SyntaxError, NameError, TypeError, ValueError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    values: dict[str, Any] = {}
+    for name, value in parser.as_dict().items():
+        if value is not None:
+            target = _CONF_ALIASES.get(name, name)
+            values[target] = float(value) if _OPTIONS[target][0] is float else value
     return values
 
 

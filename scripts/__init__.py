@@ -1,0 +1,1 @@
+"""Operational scripts: load generator and benchmarks."""

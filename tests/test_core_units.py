@@ -1,0 +1,175 @@
+"""The pure core without sockets: message validation, the hub, heartbeat timing, configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tornado_gateway.auth import DeviceId, Identity, UserId
+from tornado_gateway.config import DEV_JWT_SECRET, ConfigError, load_settings
+from tornado_gateway.connection import Connection
+from tornado_gateway.errors import ErrorCode, ValidationError
+from tornado_gateway.heartbeat import MAX_BUCKETS, bucket_plan, is_stale
+from tornado_gateway.hub import Hub
+from tornado_gateway.messages import (
+    LOCATION_UPDATE_SCHEMA,
+    IdGenerator,
+    decode_client_frame,
+    dumps,
+    validate_payload,
+    validate_service_message,
+)
+
+
+class NullTransport:
+    def write_frame(self, data: str | bytes) -> bool:
+        return True
+
+    def close_transport(self, code: int, reason: str) -> None:
+        return None
+
+    def buffered_bytes(self) -> int:
+        return 0
+
+
+def conn(connection_id: str, user: str, device: str, user_type: str = "rider") -> Connection:
+    identity = Identity(UserId(user), user_type, DeviceId(device), "ios", 0.0)  # type: ignore[arg-type]
+    return Connection(connection_id, identity, NullTransport(), "127.0.0.1")
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("frame", ["NaN", '{"type": "x", "payload": {"a": NaN}}'])
+def test_nan_never_passes_validation(frame: str) -> None:
+    with pytest.raises(ValidationError):
+        message = decode_client_frame(frame)
+        validate_payload(LOCATION_UPDATE_SCHEMA, {"latitude": message["payload"]["a"], "longitude": 0,
+                                                  "timestamp": 1})
+
+
+def test_infinity_latitude_is_invalid() -> None:
+    with pytest.raises(ValidationError, match="finite"):
+        validate_payload(LOCATION_UPDATE_SCHEMA, {"latitude": float("inf"), "longitude": 0, "timestamp": 1})
+
+
+def test_deeply_nested_frame_is_invalid_json_or_message_never_a_crash() -> None:
+    with pytest.raises(ValidationError) as caught:
+        decode_client_frame("[" * 100000 + "]" * 100000)
+    assert caught.value.code in (ErrorCode.INVALID_JSON, ErrorCode.INVALID_MESSAGE)
+
+
+def test_client_id_must_be_a_short_string() -> None:
+    with pytest.raises(ValidationError):
+        decode_client_frame('{"type": "heartbeat_ack", "payload": {}, "id": 5}')
+    with pytest.raises(ValidationError):
+        decode_client_frame('{"type": "heartbeat_ack", "payload": {}, "id": "' + "x" * 200 + '"}')
+
+
+def test_service_message_without_required_fields_names_them() -> None:
+    with pytest.raises(ValidationError, match="rideId, status"):
+        validate_service_message({"type": "ride_status", "payload": {}})
+
+
+def test_service_message_passes_extra_fields_through() -> None:
+    kind, payload, ref, stamp = validate_service_message(
+        {"type": "order_status", "payload": {"orderId": "o", "status": "ready", "items": [1]}, "id": "i"})
+    assert (kind, payload["items"], ref, stamp) == ("order_status", [1], "i", None)
+
+
+def test_dumps_refuses_nan() -> None:
+    with pytest.raises(OverflowError):
+        dumps({"x": float("nan")})
+
+
+def test_message_ids_are_unique_and_carry_the_server_id() -> None:
+    ids = IdGenerator("srv")
+    produced = {ids.next() for _ in range(1000)}
+    assert len(produced) == 1000
+    assert all(i.startswith("srv-") for i in produced)
+
+
+# --- hub --------------------------------------------------------------------------------------
+
+def test_hub_reports_first_and_last_device_of_a_user() -> None:
+    hub = Hub()
+    a, b = conn("1", "u", "phone"), conn("2", "u", "web")
+    assert hub.add(a).first_for_user
+    assert not hub.add(b).first_for_user
+    assert not hub.remove(a)
+    assert hub.remove(b)
+    assert len(hub) == 0 and hub.unique_users == 0
+
+
+def test_hub_replaces_the_same_device_and_keeps_counts_right() -> None:
+    hub = Hub()
+    old, new = conn("1", "u", "phone", "driver"), conn("2", "u", "phone", "driver")
+    hub.add(old)
+    result = hub.add(new)
+    assert result.replaced is old and not result.first_for_user
+    assert hub.by_user_type()["driver"] == 1
+    assert not hub.remove(old)  # the displaced one is already gone
+    assert hub.remove(new)
+    assert hub.by_user_type()["driver"] == 0
+
+
+# --- heartbeats -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("interval_s", [0.05, 0.2, 1, 30, 300])
+def test_bucket_plan_covers_the_interval(interval_s: float) -> None:
+    buckets, tick_ms = bucket_plan(interval_s)
+    assert 1 <= buckets <= MAX_BUCKETS
+    assert buckets * tick_ms == pytest.approx(interval_s * 1000)
+
+
+def test_thirty_second_interval_spreads_over_a_hundred_buckets() -> None:
+    assert bucket_plan(30) == (100, 300.0)
+
+
+def test_stale_means_silent_for_longer_than_the_timeout() -> None:
+    assert not is_stale(last_seen=100.0, now=175.0, timeout_s=75)
+    assert is_stale(last_seen=100.0, now=175.1, timeout_s=75)
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+def test_defaults_match_the_contract() -> None:
+    settings = load_settings({"JWT_SECRET": "s"})
+    assert (settings.port, settings.redis_url, settings.heartbeat_interval_s, settings.heartbeat_timeout_s,
+            settings.max_message_size, settings.instance_ttl_s, settings.statsd_host, settings.statsd_port,
+            settings.statsd_prefix, settings.processes, settings.jwt_algorithms) == (
+        4010, "redis://localhost:6379", 30.0, 75.0, 65536, 15.0, "localhost", 8125, "gateway", 1, ("HS256",))
+
+
+def test_missing_secret_refuses_to_start_with_a_clear_message() -> None:
+    with pytest.raises(ConfigError, match="JWT_SECRET"):
+        load_settings({})
+
+
+def test_dev_mode_uses_the_insecure_dev_secret() -> None:
+    assert load_settings({}, dev=True).jwt_secret == DEV_JWT_SECRET
+
+
+def test_environment_overrides_the_conf_file(tmp_path: Path) -> None:
+    conf = tmp_path / "x.conf"
+    conf.write_text('port = 5000\nheartbeat_interval = 10\njwt_secret = "from-file"\n')
+    settings = load_settings({"PORT": "6000"}, conf_file=str(conf))
+    assert (settings.port, settings.heartbeat_interval_s, settings.jwt_secret) == (6000, 10.0, "from-file")
+
+
+def test_fractional_heartbeats_are_allowed() -> None:
+    settings = load_settings({"JWT_SECRET": "s", "HEARTBEAT_INTERVAL": "0.2", "HEARTBEAT_TIMEOUT": "0.5"})
+    assert (settings.heartbeat_interval_s, settings.heartbeat_timeout_s) == (0.2, 0.5)
+
+
+@pytest.mark.parametrize("env", [{"PORT": "abc"}, {"HEARTBEAT_TIMEOUT": "1", "HEARTBEAT_INTERVAL": "2"},
+                                 {"JWT_ALGORITHMS": "none"}, {"JWT_ALGORITHMS": "RS256"}, {"PROCESSES": "0"}])
+def test_bad_settings_are_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        load_settings({"JWT_SECRET": "s", **env})
+
+
+@pytest.mark.parametrize("name", ["development.conf", "production.conf"])
+def test_shipped_conf_files_load(name: str) -> None:
+    conf = Path(__file__).resolve().parent.parent / "conf" / name
+    assert load_settings({"JWT_SECRET": "s", "GATEWAY_API_KEY": "k"}, conf_file=str(conf)).port == 4010
