@@ -29,6 +29,8 @@ class BusListener(Protocol):
 
 
 class Bus(Protocol):
+    embedded: bool  # True for the in-process bus (no Redis)
+
     @property
     def ready(self) -> bool:
         """Connected and subscribed: what /ready reports."""
@@ -57,6 +59,8 @@ class Bus(Protocol):
 
 class MemoryBus:
     """`REDIS_URL=memory://`: one instance, delivery in-process; client events are counted and dropped."""
+
+    embedded = True
 
     def __init__(self) -> None:
         self._listener: BusListener | None = None

@@ -97,6 +97,8 @@ class SubscriberConnection:
 
 
 class RedisBus:
+    embedded = False
+
     def __init__(self, redis: Redis, url: str, keys: Keys, server_id: str, metrics: Metrics, *,
                  stream_maxlen: int) -> None:
         self._redis = redis

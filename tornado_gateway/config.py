@@ -19,6 +19,7 @@ from typing import Any
 from tornado.options import Error as OptionsError
 from tornado.options import OptionParser
 
+MEMORY_URL = "memory://"
 DEV_JWT_SECRET = "dev-insecure-secret-do-not-use-in-production"
 SUPPORTED_ALGORITHMS = frozenset({"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"})
 

@@ -138,6 +138,6 @@ class ReadyHandler(ApiHandler):
     def get(self) -> None:
         gateway = self.gateway
         ready = gateway.bus.ready and not gateway.draining
-        self.send_json(200 if ready else 503, {"ready": ready, "serverId": gateway.server_id,
-                                               "redis": "connected" if gateway.bus.ready else "unavailable",
+        bus = "embedded" if gateway.bus.embedded else ("connected" if gateway.bus.ready else "unavailable")
+        self.send_json(200 if ready else 503, {"ready": ready, "serverId": gateway.server_id, "redis": bus,
                                                "draining": gateway.draining})

@@ -24,7 +24,7 @@ from .app import make_app
 from .auth import mint_token
 from .bus import Bus, MemoryBus
 from .bus_redis import RedisBus
-from .config import DEV_JWT_SECRET, ConfigError, Settings, load_settings
+from .config import DEV_JWT_SECRET, MEMORY_URL, ConfigError, Settings, load_settings
 from .gateway import Gateway
 from .messages import USER_TYPES, UserType
 from .metrics import Metrics
@@ -34,8 +34,6 @@ from .redis_keys import Keys
 from .supervisor import supervise
 
 log = logging.getLogger("tornado_gateway")
-
-MEMORY_URL = "memory://"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
