@@ -8,14 +8,21 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from .auth import TokenVerifier, check_subject, check_user_type
 from .bus import Bus
 from .connection import Connection
+from .errors import ErrorCode, GatewayError
 from .messages import IdGenerator, InboundEvent, dumps, now_ms
 
 
 class CommandContext(Protocol):
     @property
     def bus(self) -> Bus: ...
+
+    @property
+    def verifier(self) -> TokenVerifier: ...
+
+    def refresh_token(self, conn: Connection, expires_at: float) -> None: ...
 
     @property
     def ids(self) -> IdGenerator: ...
@@ -46,3 +53,12 @@ async def location_update(ctx: CommandContext, conn: Connection, payload: dict[s
 async def dispatch_response(ctx: CommandContext, conn: Connection, payload: dict[str, Any],
                             ref: str | None) -> None:
     await ctx.bus.append_dispatch_response(inbound_event(ctx, conn, "dispatch_response", payload, ref))
+
+
+async def token_refresh(ctx: CommandContext, conn: Connection, payload: dict[str, Any], ref: str | None) -> None:
+    """Keeps the connection authorised past its token's exp; the new token must be for the same user."""
+    claims = ctx.verifier.claims(payload["token"])
+    if check_subject(claims) != conn.identity.user_id:
+        raise GatewayError(ErrorCode.AUTH_FAILED, "token_refresh token is for another user")
+    check_user_type(claims, conn.identity.user_type)
+    ctx.refresh_token(conn, float(claims["exp"]))

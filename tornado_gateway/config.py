@@ -50,9 +50,22 @@ class Settings:
     server_id: str = ""
     processes: int = 1
     reuse_port: bool = False
-    shutdown_drain_s: float = 0.0
+    shutdown_drain_s: float = 5.0
     dispatch_stream_maxlen: int = 100_000
     log_level: str = "INFO"
+    # Abuse limits (0 disables a limit).
+    rate_limit_per_s: float = 20.0  # inbound messages per connection, sustained
+    rate_limit_burst: int = 40
+    rate_limit_close_after: int = 50  # rejected messages within 10 s before closing with 4429
+    connect_rate_per_ip: float = 0.0  # upgrade attempts per second per client IP; see README
+    connect_burst_per_ip: int = 100
+    max_devices_per_user: int = 10
+    max_connections: int = 0  # 0: derived from the open-file limit
+    max_outbound_buffer: int = 1 << 20  # bytes queued for one client before it is closed as too slow
+    token_expiry_grace_s: float = 30.0
+    allowed_origins: tuple[str, ...] = ()
+    compression: bool = False
+    event_loop: str = "auto"  # auto (uvloop when installed), asyncio, uvloop
     dev: bool = False
 
     @property
@@ -89,11 +102,24 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "shutdown_drain_s": (float, "SHUTDOWN_DRAIN_SECONDS"),
     "dispatch_stream_maxlen": (int, "DISPATCH_STREAM_MAXLEN"),
     "log_level": (str, "LOG_LEVEL"),
+    "rate_limit_per_s": (float, "RATE_LIMIT_PER_SECOND"),
+    "rate_limit_burst": (int, "RATE_LIMIT_BURST"),
+    "rate_limit_close_after": (int, "RATE_LIMIT_CLOSE_AFTER"),
+    "connect_rate_per_ip": (float, "CONNECT_RATE_PER_IP"),
+    "connect_burst_per_ip": (int, "CONNECT_BURST_PER_IP"),
+    "max_devices_per_user": (int, "MAX_DEVICES_PER_USER"),
+    "max_connections": (int, "MAX_CONNECTIONS"),
+    "max_outbound_buffer": (int, "MAX_OUTBOUND_BUFFER"),
+    "token_expiry_grace_s": (float, "TOKEN_EXPIRY_GRACE"),
+    "allowed_origins": (str, "ALLOWED_ORIGINS"),
+    "compression": (bool, "COMPRESSION"),
+    "event_loop": (str, "EVENT_LOOP"),
 }
 
 #: Conf files may use the contract's short names (heartbeat_interval) too.
 _CONF_ALIASES = {"heartbeat_interval": "heartbeat_interval_s", "heartbeat_timeout": "heartbeat_timeout_s",
-                 "instance_ttl": "instance_ttl_s", "shutdown_drain_seconds": "shutdown_drain_s"}
+                 "instance_ttl": "instance_ttl_s", "shutdown_drain_seconds": "shutdown_drain_s",
+                 "rate_limit_per_second": "rate_limit_per_s", "token_expiry_grace": "token_expiry_grace_s"}
 
 
 def env_name(option: str) -> str:
@@ -141,9 +167,10 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _normalise(values: dict[str, Any]) -> dict[str, Any]:
-    algorithms = values.get("jwt_algorithms")
-    if isinstance(algorithms, str):
-        values["jwt_algorithms"] = tuple(a.strip() for a in algorithms.split(",") if a.strip())
+    for name in ("jwt_algorithms", "allowed_origins"):
+        listed = values.get(name)
+        if isinstance(listed, str):
+            values[name] = tuple(a.strip() for a in listed.split(",") if a.strip())
     values["log_level"] = str(values.get("log_level", "INFO")).upper()
     return values
 
@@ -192,6 +219,12 @@ def validate(settings: Settings) -> None:
         raise ConfigError("INSTANCE_TTL must be at least 1 second")
     if settings.processes < 1:
         raise ConfigError("PROCESSES must be at least 1")
+    if settings.event_loop not in ("auto", "asyncio", "uvloop"):
+        raise ConfigError("EVENT_LOOP must be auto, asyncio or uvloop")
+    if min(settings.rate_limit_per_s, settings.rate_limit_burst, settings.connect_rate_per_ip,
+           settings.max_devices_per_user, settings.max_connections, settings.max_outbound_buffer,
+           settings.token_expiry_grace_s) < 0:
+        raise ConfigError("limits must not be negative (0 disables a limit)")
     asymmetric = [a for a in settings.jwt_algorithms if not a.startswith("HS")]
     if asymmetric and not settings.jwt_public_key_file:
         raise ConfigError(f"JWT_ALGORITHMS={','.join(asymmetric)} needs JWT_PUBLIC_KEY_FILE (a PEM public key)")

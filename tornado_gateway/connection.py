@@ -8,12 +8,15 @@ of Tornado and can be tested without sockets.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from .auth import Identity
 from .errors import CLOSE_ERRORS, CloseCode, ErrorCode
+from .limits import MessageLimiter
 from .messages import IdGenerator, dumps, envelope, error_payload
 
 log = logging.getLogger(__name__)
@@ -28,12 +31,16 @@ class Transport(Protocol):
     def buffered_bytes(self) -> int:
         """Bytes queued for the client and not yet written to the socket."""
 
+    def on_drained(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once everything queued so far has reached the socket (or it closed)."""
+
 
 class Connection:
     __slots__ = ("connection_id", "identity", "transport", "last_seen", "opened_at", "closed", "close_code",
-                 "close_reason", "bucket", "remote_ip")
+                 "close_reason", "bucket", "remote_ip", "limiter", "expiry_timer", "coalesced")
 
-    def __init__(self, connection_id: str, identity: Identity, transport: Transport, remote_ip: str) -> None:
+    def __init__(self, connection_id: str, identity: Identity, transport: Transport, remote_ip: str,
+                 limiter: MessageLimiter | None = None) -> None:
         self.connection_id = connection_id
         self.identity = identity
         self.transport = transport
@@ -44,6 +51,9 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.bucket = -1  # heartbeat bucket; owned by heartbeat.HeartbeatScheduler
+        self.limiter = limiter
+        self.expiry_timer: asyncio.TimerHandle | None = None  # set while an expired token is in its grace
+        self.coalesced: dict[str, bytes] | None = None  # latest-wins frames held while the socket is congested
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
@@ -17,12 +18,14 @@ from . import commands
 from . import metrics as m
 from .bus import BusUnavailable
 from .commands import CommandContext
+from .config import Settings
 from .connection import Connection
 from .errors import ErrorCode, GatewayError
 from .messages import (
     DISPATCH_RESPONSE_SCHEMA,
     HEARTBEAT_ACK_SCHEMA,
     LOCATION_UPDATE_SCHEMA,
+    TOKEN_REFRESH_SCHEMA,
     USER_TYPES,
     Schema,
     UserType,
@@ -56,6 +59,7 @@ COMMANDS: Final[dict[str, Command]] = {
                                "location_update is for drivers and delivery partners"),
     "dispatch_response": Command(DISPATCH_RESPONSE_SCHEMA, MOVING, commands.dispatch_response,
                                  "dispatch_response is for drivers and delivery partners"),
+    "token_refresh": Command(TOKEN_REFRESH_SCHEMA, EVERYONE, commands.token_refresh),
 }
 
 
@@ -63,8 +67,31 @@ class DispatchContext(CommandContext, Protocol):
     @property
     def metrics(self) -> Metrics: ...
 
+    @property
+    def settings(self) -> Settings: ...
+
+    def close_abusive(self, conn: Connection) -> None: ...
+
+
+def admit(ctx: DispatchContext, conn: Connection) -> bool:
+    """The per-connection token bucket; a client that keeps flooding is closed with 4429."""
+    limiter = conn.limiter
+    if limiter is None:
+        return True
+    settings, now = ctx.settings, time.monotonic()
+    if limiter.allow(settings.rate_limit_per_s, settings.rate_limit_burst, now):
+        return True
+    if limiter.strike(now, settings.rate_limit_close_after):
+        ctx.close_abusive(conn)
+    else:
+        reply_error(ctx, conn, ErrorCode.RATE_LIMITED,
+                    f"more than {settings.rate_limit_per_s:g} messages/s: this one was dropped", None)
+    return False
+
 
 async def handle_frame(ctx: DispatchContext, conn: Connection, frame: str | bytes) -> None:
+    if not admit(ctx, conn):
+        return
     ref: str | None = None
     try:
         message = decode_client_frame(frame)

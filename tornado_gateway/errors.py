@@ -23,6 +23,7 @@ class CloseCode(enum.IntEnum):
     HEARTBEAT_TIMEOUT = 4408
     REPLACED = 4409
     RATE_LIMITED = 4429
+    SLOW_CONSUMER = 4503  # addition: the client stopped reading and its outbound buffer overflowed
 
 
 class ErrorCode(enum.StrEnum):
@@ -38,7 +39,8 @@ class ErrorCode(enum.StrEnum):
     HEARTBEAT_TIMEOUT = "HEARTBEAT_TIMEOUT"
     REPLACED = "REPLACED"
     INTERNAL = "INTERNAL"
-    UNAVAILABLE = "UNAVAILABLE"  # addition: Redis unreachable, retry the same frame later
+    UNAVAILABLE = "UNAVAILABLE"  # addition: Redis unreachable or instance full; retry later
+    SLOW_CONSUMER = "SLOW_CONSUMER"  # addition: precedes close 4503
 
 
 #: The error frame that precedes each 4xxx close.
@@ -48,6 +50,8 @@ CLOSE_ERRORS: dict[CloseCode, ErrorCode] = {
     CloseCode.HEARTBEAT_TIMEOUT: ErrorCode.HEARTBEAT_TIMEOUT,
     CloseCode.REPLACED: ErrorCode.REPLACED,
     CloseCode.RATE_LIMITED: ErrorCode.RATE_LIMITED,
+    CloseCode.SLOW_CONSUMER: ErrorCode.SLOW_CONSUMER,
+    CloseCode.TRY_AGAIN_LATER: ErrorCode.UNAVAILABLE,
 }
 
 

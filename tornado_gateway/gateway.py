@@ -10,7 +10,9 @@ then replacement of an older connection of the same device, then `connected`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import resource
 import time
 from typing import Any, TypedDict
 
@@ -23,17 +25,24 @@ from .backoff import Backoff
 from .bus import Bus, BusUnavailable
 from .config import Settings
 from .connection import Connection, Transport
-from .errors import CloseCode, ValidationError, close_reason_name
+from .errors import CloseCode, ErrorCode, GatewayError, ValidationError, close_reason_name
+from .flow import FlowControl, coalesce_key
 from .heartbeat import HeartbeatScheduler
 from .hub import Hub
+from .limits import ConnectLimiter, MessageLimiter
 from .messages import ConnectedPayload, IdGenerator, dumps, envelope, validate_service_message
 from .metrics import Metrics
-from .presence import Presence, ServerStats, uptime_s
+from .presence import DeviceLimitReached, Presence, ServerStats, uptime_s
 
 log = logging.getLogger(__name__)
 
 METRICS_FLUSH_MS = 1000.0
 RESYNC_ATTEMPTS = 8
+FD_RESERVE = 512  # descriptors kept for Redis, logs and sockets between accept() and refusal
+
+
+def file_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 
 class ControlMessage(TypedDict):
@@ -59,7 +68,11 @@ class Gateway:
         self.draining = False
         self.heartbeats = HeartbeatScheduler(
             settings.heartbeat_interval_s, settings.heartbeat_timeout_s, self.ids,
-            on_stale=self._close_stale, on_tick=self._heartbeat_ticked)
+            on_stale=self._close_stale, on_expired=self._token_expired, on_tick=self._heartbeat_ticked)
+        self.flow = FlowControl(settings.max_outbound_buffer, on_slow=self._close_slow,
+                                on_coalesced=lambda: metrics.incr(m.MESSAGES_DROPPED.format(reason="coalesced")))
+        self.connect_limiter = ConnectLimiter(settings.connect_rate_per_ip, settings.connect_burst_per_ip)
+        self.max_connections = settings.max_connections or max(100, file_limit() - FD_RESERVE)
         self._timers: list[PeriodicCallback] = []
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -100,8 +113,22 @@ class Gateway:
 
     # --- connections --------------------------------------------------------------------------
 
+    def admission_refusal(self, remote_ip: str) -> GatewayError | None:
+        """Checks made before the token is even parsed: draining, instance full, upgrade rate per IP."""
+        if self.draining:
+            return GatewayError(ErrorCode.UNAVAILABLE, "server shutting down", close_code=CloseCode.GOING_AWAY)
+        if len(self.hub) >= self.max_connections:
+            return GatewayError(ErrorCode.UNAVAILABLE, "instance is full; reconnect later",
+                                close_code=CloseCode.TRY_AGAIN_LATER)
+        if not self.connect_limiter.allow(remote_ip, time.monotonic()):
+            return GatewayError(ErrorCode.RATE_LIMITED, "too many connection attempts from this address",
+                                close_code=CloseCode.RATE_LIMITED)
+        return None
+
     async def connect(self, identity: Identity, transport: Transport, remote_ip: str) -> Connection:
-        conn = Connection(self.ids.next(), identity, transport, remote_ip)
+        limiter = MessageLimiter(self.settings.rate_limit_burst, time.monotonic()) \
+            if self.settings.rate_limit_per_s > 0 else None
+        conn = Connection(self.ids.next(), identity, transport, remote_ip, limiter)
         added = self.hub.add(conn)
         self.heartbeats.add(conn)
         if added.replaced is not None:
@@ -124,7 +151,11 @@ class Gateway:
 
     async def _register_presence(self, conn: Connection) -> None:
         try:
-            previous = await self.presence.register(conn)
+            previous = await self.presence.register(conn, max_devices=self.settings.max_devices_per_user)
+        except DeviceLimitReached as exc:
+            conn.close(self.ids, CloseCode.RATE_LIMITED, str(exc))
+            self._forget(conn)
+            return
         except Exception:  # noqa: BLE001 - degraded mode: the entry is written again on reconnect
             log.warning("presence unavailable; %s registered locally only", conn.connection_id)
             return
@@ -160,6 +191,9 @@ class Gateway:
         if conn.bucket < 0:
             return False  # already forgotten (the heartbeat bucket is the registration marker)
         self.heartbeats.remove(conn)
+        if conn.expiry_timer is not None:
+            conn.expiry_timer.cancel()
+            conn.expiry_timer = None
         last_local = self.hub.remove(conn)
         if last_local:
             self.bus.unsubscribe_user(conn.identity.user_id)
@@ -180,6 +214,42 @@ class Gateway:
         conn.close(self.ids, CloseCode.HEARTBEAT_TIMEOUT, "no frame within the heartbeat timeout")
         self._forget(conn)
 
+    def _close_slow(self, conn: Connection) -> None:
+        log.warning("closing %s: outbound buffer over %d bytes (client not reading)", conn.connection_id,
+                    self.settings.max_outbound_buffer)
+        conn.close(self.ids, CloseCode.SLOW_CONSUMER, "outbound buffer overflow: the client is not reading")
+        self._forget(conn)
+
+    # --- token lifetime -----------------------------------------------------------------------
+
+    def _token_expired(self, conn: Connection) -> None:
+        """The token's exp passed: warn once, then close with 4401 after the grace unless refreshed."""
+        if conn.expiry_timer is not None or conn.closed:
+            return
+        grace_s = self.settings.token_expiry_grace_s
+        conn.send_error(self.ids, ErrorCode.AUTH_FAILED,
+                        f"token expired: send token_refresh with a new token within {grace_s:g} s")
+        expired_at = conn.identity.expires_at
+        conn.expiry_timer = asyncio.get_running_loop().call_later(grace_s, self._expire, conn, expired_at)
+
+    def _expire(self, conn: Connection, expired_at: float) -> None:
+        conn.expiry_timer = None
+        if not conn.closed and conn.identity.expires_at == expired_at:
+            conn.close(self.ids, CloseCode.AUTH_FAILED, "token expired")
+            self._forget(conn)
+
+    def close_abusive(self, conn: Connection) -> None:
+        log.warning("closing %s: kept exceeding the message rate limit", conn.connection_id)
+        conn.close(self.ids, CloseCode.RATE_LIMITED, "kept exceeding the message rate limit")
+        self._forget(conn)
+
+    def refresh_token(self, conn: Connection, expires_at: float) -> None:
+        """A valid token_refresh for the same user: extend the connection's authorisation."""
+        conn.identity = dataclasses.replace(conn.identity, expires_at=expires_at)
+        if conn.expiry_timer is not None:
+            conn.expiry_timer.cancel()
+            conn.expiry_timer = None
+
     # --- delivery (BusListener) ---------------------------------------------------------------
 
     def on_user_message(self, user_id: str, data: bytes) -> None:
@@ -189,18 +259,20 @@ class Gateway:
         prepared = self.prepare_outbound(data)
         if prepared is None:
             return
-        frame, kind = prepared
+        frame, kind, key = prepared
+        deliver = self.flow.deliver
         for conn in list(devices.values()):
-            conn.send(frame)
+            deliver(conn, frame, key)
         self.metrics.incr(m.MESSAGES_OUT.format(type=kind), len(devices))
 
-    def prepare_outbound(self, data: bytes) -> tuple[bytes, str] | None:
+    def prepare_outbound(self, data: bytes) -> tuple[bytes, str, str | None] | None:
         """Check a service message once per user (not per device); add id/timestamp only if missing."""
         try:
             kind, payload, ref, stamp = validate_service_message(ujson.loads(data))
+            key = coalesce_key(kind, payload)
             if ref is not None and stamp is not None:
-                return data, kind
-            return dumps(envelope(kind, payload, ref or self.ids.next(), stamp)).encode(), kind
+                return data, kind, key
+            return dumps(envelope(kind, payload, ref or self.ids.next(), stamp)).encode(), kind, key
         except (ValueError, OverflowError, RecursionError, ValidationError) as exc:
             self.metrics.incr(m.MESSAGES_DROPPED.format(reason="invalid"))
             log.warning("dropped an undeliverable message from Redis: %s", exc)
@@ -249,6 +321,7 @@ class Gateway:
                 "uptime": uptime_s(self.started_at)}
 
     async def _housekeeping(self) -> None:
+        self.connect_limiter.prune(time.monotonic())
         stats = self.stats()
         self.metrics.gauge(m.CONNECTIONS_TOTAL, stats["totalConnections"])
         self.metrics.gauge(m.USERS_UNIQUE, stats["uniqueUsers"])

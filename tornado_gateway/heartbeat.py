@@ -1,4 +1,4 @@
-"""Heartbeats and the stale sweep, spread over the interval in buckets.
+"""Heartbeats and the sweep for stale connections and expired tokens, spread over the interval in buckets.
 
 Sending 100,000 heartbeats from one callback stalls the event loop for
 seconds, and every other message waits behind it. Instead each connection
@@ -39,7 +39,7 @@ class HeartbeatScheduler:
     """Owns the buckets; `on_stale` closes a connection that has been silent too long."""
 
     __slots__ = ("_buckets", "_next_bucket", "_fill", "_tick_ms", "_timeout_s", "_ids", "_on_stale", "_timer",
-                 "_on_tick")
+                 "_on_tick", "_on_expired")
 
     def __init__(
         self,
@@ -47,6 +47,7 @@ class HeartbeatScheduler:
         timeout_s: float,
         ids: IdGenerator,
         on_stale: Callable[[Connection], None],
+        on_expired: Callable[[Connection], None] | None = None,
         on_tick: Callable[[int, float], None] | None = None,
     ) -> None:
         count, self._tick_ms = bucket_plan(interval_s)
@@ -56,6 +57,7 @@ class HeartbeatScheduler:
         self._timeout_s = timeout_s
         self._ids = ids
         self._on_stale = on_stale
+        self._on_expired = on_expired
         self._on_tick = on_tick
         self._timer: PeriodicCallback | None = None
 
@@ -90,6 +92,10 @@ class HeartbeatScheduler:
         stale = [conn for conn in bucket if is_stale(conn.last_seen, now, self._timeout_s)]
         for conn in stale:
             self._on_stale(conn)
+        if self._on_expired is not None:
+            wall = time.time()
+            for conn in [conn for conn in bucket if conn.identity.expires_at <= wall]:
+                self._on_expired(conn)
         for conn in bucket:
             conn.send(frame)
         if self._on_tick is not None:

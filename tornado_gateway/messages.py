@@ -23,7 +23,7 @@ Platform = Literal["ios", "android", "web"]
 USER_TYPES: Final[tuple[UserType, ...]] = ("driver", "rider", "restaurant", "delivery_partner")
 PLATFORMS: Final[tuple[Platform, ...]] = ("ios", "android", "web")
 
-ClientType = Literal["heartbeat_ack", "location_update", "dispatch_response"]
+ClientType = Literal["heartbeat_ack", "location_update", "dispatch_response", "token_refresh"]
 ServiceType = Literal["ride_request", "ride_status", "driver_location", "eta_update", "notification", "order_status"]
 GatewayType = Literal["connected", "heartbeat", "ack", "error"]
 
@@ -57,6 +57,10 @@ class LocationUpdatePayload(TypedDict):
     accuracy: NotRequired[float]
     isAvailable: NotRequired[bool]
     tripId: NotRequired[str]
+
+
+class TokenRefreshPayload(TypedDict):
+    token: str
 
 
 class DispatchResponsePayload(TypedDict):
@@ -183,6 +187,7 @@ LOCATION_UPDATE_SCHEMA: Final[Schema] = {
     "isAvailable": (boolean, False),
     "tripId": (text(), False),
 }
+TOKEN_REFRESH_SCHEMA: Final[Schema] = {"token": (text(8192), True)}
 DISPATCH_RESPONSE_SCHEMA: Final[Schema] = {
     "requestId": (text(), True),
     "action": (one_of("accept", "reject"), True),

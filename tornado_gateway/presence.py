@@ -14,6 +14,15 @@ from typing import Protocol, TypedDict
 from .connection import Connection
 from .messages import USER_TYPES, UserType
 
+DEVICE_LIMIT_MARKER = "!device-limit"
+
+
+class DeviceLimitReached(Exception):
+    """The user already has MAX_DEVICES_PER_USER devices connected across the cluster."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this user already has {limit} devices connected (MAX_DEVICES_PER_USER)")
+
 
 class PresenceEntry(TypedDict):
     """The value of field `deviceId` in `gateway:presence:{userId}`."""
@@ -65,8 +74,10 @@ def sum_cluster(servers: list[ServerStats]) -> ClusterStats:
 
 
 class Presence(Protocol):
-    async def register(self, conn: Connection) -> PresenceEntry | None:
-        """Record `conn`; returns the entry it displaced (same user and device), if any."""
+    async def register(self, conn: Connection, *, max_devices: int = 0) -> PresenceEntry | None:
+        """Record `conn`; returns the entry it displaced (same user and device), if any.
+
+        Raises DeviceLimitReached when a new device would exceed `max_devices` (0: no cap)."""
 
     async def unregister(self, conn: Connection, *, last_local: bool) -> None:
         """Remove `conn`'s entry unless a newer connection already owns the device."""
@@ -96,9 +107,11 @@ class MemoryPresence:
         self._entries: dict[str, dict[str, PresenceEntry]] = {}
         self._stats: ServerStats | None = None
 
-    async def register(self, conn: Connection) -> PresenceEntry | None:
+    async def register(self, conn: Connection, *, max_devices: int = 0) -> PresenceEntry | None:
         devices = self._entries.setdefault(conn.identity.user_id, {})
         previous = devices.get(conn.identity.device_id)
+        if previous is None and 0 < max_devices <= len(devices):
+            raise DeviceLimitReached(max_devices)
         devices[conn.identity.device_id] = presence_entry(conn, self._server_id)
         return previous
 

@@ -19,14 +19,16 @@ from redis.typing import EncodableT, FieldT
 
 from .connection import Connection
 from .messages import USER_TYPES, dumps
-from .presence import PresenceEntry, ServerStats, presence_entry
+from .presence import DEVICE_LIMIT_MARKER, DeviceLimitReached, PresenceEntry, ServerStats, presence_entry
 from .redis_keys import Keys
 
 log = logging.getLogger(__name__)
 
-# KEYS: presence hash, server users set. ARGV: deviceId, entry JSON, userId.
+# KEYS: presence hash, server users set. ARGV: deviceId, entry JSON, userId, max devices (0: no cap).
 REGISTER = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
+local cap = tonumber(ARGV[4])
+if not old and cap > 0 and redis.call('HLEN', KEYS[1]) >= cap then return '""" + DEVICE_LIMIT_MARKER + """' end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
 return old
@@ -93,13 +95,15 @@ class RedisPresence:
         self._resync = redis.register_script(RESYNC)
         self._purge = redis.register_script(PURGE_SERVER)
 
-    async def register(self, conn: Connection) -> PresenceEntry | None:
+    async def register(self, conn: Connection, *, max_devices: int = 0) -> PresenceEntry | None:
         ident = conn.identity
         entry = dumps(presence_entry(conn, self._server_id))
         old = await self._register(
             keys=[self._keys.presence(ident.user_id), self._keys.server_users(self._server_id)],
-            args=[ident.device_id, entry, ident.user_id],
+            args=[ident.device_id, entry, ident.user_id, max_devices],
         )
+        if old == DEVICE_LIMIT_MARKER.encode():
+            raise DeviceLimitReached(max_devices)
         return _decode_entry(old)
 
     async def unregister(self, conn: Connection, *, last_local: bool) -> None:

@@ -10,6 +10,7 @@ cost of a send.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 from tornado.iostream import StreamClosedError
@@ -37,15 +38,19 @@ class GatewaySocket(WebSocketHandler):
         self.conn = None
 
     def check_origin(self, origin: str) -> bool:
-        return True
+        """Browsers send Origin; apps usually do not (then this is not called). Unset list: any origin."""
+        allowed = self.gateway.settings.allowed_origins
+        return not allowed or origin in allowed
 
     def get_compression_options(self) -> dict[str, Any] | None:
-        return None
+        # permessage-deflate keeps a zlib context per connection (tens of KB): off unless asked for.
+        return {} if self.gateway.settings.compression else None
 
     async def open(self, *args: str, **kwargs: str) -> None:
         gateway = self.gateway
-        if gateway.draining:
-            self.close(int(CloseCode.GOING_AWAY), "server shutting down")
+        refusal = gateway.admission_refusal(self.request.remote_ip or "")
+        if refusal is not None:
+            self._refuse(refusal)
             return
         try:
             query = {k: [v.decode("utf-8", "replace") for v in vs] for k, vs in self.request.query_arguments.items()}
@@ -63,8 +68,9 @@ class GatewaySocket(WebSocketHandler):
         if code == CloseCode.AUTH_FAILED:
             gateway.metrics.incr(m.AUTH_FAILURES)
         log.info("refused connection from %s: %s (%s)", self.request.remote_ip, exc.message, int(code))
-        error = CLOSE_ERRORS.get(code, exc.code)
-        self.write_frame(dumps(envelope("error", error_payload(error, exc.message), gateway.ids.next())))
+        error = CLOSE_ERRORS.get(code)
+        if error is not None:
+            self.write_frame(dumps(envelope("error", error_payload(error, exc.message), gateway.ids.next())))
         self.close(int(code), exc.message[:120])
 
     async def on_message(self, message: str | bytes) -> None:
@@ -105,3 +111,15 @@ class GatewaySocket(WebSocketHandler):
             return 0
         stream = cast(WebSocketProtocol13, protocol).stream
         return int(getattr(stream, "_write_buffer_size", 0))
+
+    def on_drained(self, callback: Callable[[], None]) -> None:
+        protocol = self.ws_connection
+        try:
+            if protocol is None:
+                raise StreamClosedError()
+            # An empty write resolves once everything queued before it has been flushed.
+            drained = cast(WebSocketProtocol13, protocol).stream.write(b"")
+        except StreamClosedError:
+            callback()
+            return
+        drained.add_done_callback(lambda _future: callback())
