@@ -269,3 +269,53 @@ async def eventually(check: Any, timeout: float = 5.0, interval: float = 0.05) -
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last value {last!r})")
+
+
+class RawSocketClient:
+    """A WebSocket client on a plain socket with a tiny receive buffer that can stop reading at will.
+
+    Tornado's own client keeps reading into memory; a real stuck phone does not, so slow-consumer
+    tests use this to make the gateway's writes back up for real.
+    """
+
+    def __init__(self, port: int, token: str, user_type: str, device_id: str, rcvbuf: int = 4096) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(5)
+        self.sock.connect(("127.0.0.1", port))
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        path = f"/ws?token={token}&userType={user_type}&deviceId={device_id}&platform=android"
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                           ).encode())
+        response = b""
+        while b"\r\n\r\n" not in response:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                raise ConnectionError("closed during the handshake")
+            response += chunk
+        if b" 101 " not in response.split(b"\r\n")[0]:
+            raise ConnectionError(response.decode(errors="replace"))
+
+    def read_frame(self) -> tuple[int, bytes]:
+        """(opcode, payload) of the next server frame (servers never mask)."""
+        head = self._exact(2)
+        length = head[1] & 0x7F
+        if length == 126:
+            length = int.from_bytes(self._exact(2), "big")
+        elif length == 127:
+            length = int.from_bytes(self._exact(8), "big")
+        return head[0] & 0x0F, self._exact(length)
+
+    def _exact(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()

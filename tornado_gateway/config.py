@@ -62,6 +62,7 @@ class Settings:
     max_devices_per_user: int = 10
     max_connections: int = 0  # 0: derived from the open-file limit
     max_outbound_buffer: int = 1 << 20  # bytes queued for one client before it is closed as too slow
+    socket_sndbuf: int = 0  # SO_SNDBUF per client socket; 0 leaves the kernel's autotuning
     token_expiry_grace_s: float = 30.0
     allowed_origins: tuple[str, ...] = ()
     compression: bool = False
@@ -110,6 +111,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "max_devices_per_user": (int, "MAX_DEVICES_PER_USER"),
     "max_connections": (int, "MAX_CONNECTIONS"),
     "max_outbound_buffer": (int, "MAX_OUTBOUND_BUFFER"),
+    "socket_sndbuf": (int, "SOCKET_SNDBUF"),
     "token_expiry_grace_s": (float, "TOKEN_EXPIRY_GRACE"),
     "allowed_origins": (str, "ALLOWED_ORIGINS"),
     "compression": (bool, "COMPRESSION"),

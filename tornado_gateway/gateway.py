@@ -153,8 +153,7 @@ class Gateway:
         try:
             previous = await self.presence.register(conn, max_devices=self.settings.max_devices_per_user)
         except DeviceLimitReached as exc:
-            conn.close(self.ids, CloseCode.RATE_LIMITED, str(exc))
-            self._forget(conn)
+            self._drop(conn, CloseCode.RATE_LIMITED, str(exc))
             return
         except Exception:  # noqa: BLE001 - degraded mode: the entry is written again on reconnect
             log.warning("presence unavailable; %s registered locally only", conn.connection_id)
@@ -175,16 +174,25 @@ class Gateway:
                 log.warning("could not ask %s to close a replaced connection", previous["serverId"])
 
     def _replace(self, old: Connection) -> None:
-        old.close(self.ids, CloseCode.REPLACED, "replaced by a new connection from the same device")
-        self._forget(old)
+        self._drop(old, CloseCode.REPLACED, "replaced by a new connection from the same device")
 
     def disconnect(self, conn: Connection, code: int | None, reason: str) -> None:
-        """Called once the socket is closed, whoever closed it: always cleans up local and Redis state."""
+        """Called once the socket is closed, whoever closed it."""
         conn.mark_closed(code, reason)
+        self._release(conn)
+
+    def _drop(self, conn: Connection, code: CloseCode, message: str) -> None:
+        """Server-initiated close: clean up now rather than when the client acknowledges (or never)."""
+        conn.close(self.ids, code, message)
+        self._release(conn)
+
+    def _release(self, conn: Connection) -> None:
+        """Local and Redis cleanup, exactly once per connection."""
+        if conn.bucket < 0:
+            return
         last_local = self._forget(conn)
-        if self.draining:
-            return  # drain() removes this instance's entries in one sweep
-        self._spawn(self._unregister_presence(conn, last_local=last_local))
+        if not self.draining:  # drain() removes this instance's entries in one sweep
+            self._spawn(self._unregister_presence(conn, last_local=last_local))
 
     def _forget(self, conn: Connection) -> bool:
         """Local cleanup; returns whether the user has no device left here. Idempotent."""
@@ -211,14 +219,12 @@ class Gateway:
             log.warning("could not remove presence of %s", conn.connection_id)
 
     def _close_stale(self, conn: Connection) -> None:
-        conn.close(self.ids, CloseCode.HEARTBEAT_TIMEOUT, "no frame within the heartbeat timeout")
-        self._forget(conn)
+        self._drop(conn, CloseCode.HEARTBEAT_TIMEOUT, "no frame within the heartbeat timeout")
 
     def _close_slow(self, conn: Connection) -> None:
         log.warning("closing %s: outbound buffer over %d bytes (client not reading)", conn.connection_id,
                     self.settings.max_outbound_buffer)
-        conn.close(self.ids, CloseCode.SLOW_CONSUMER, "outbound buffer overflow: the client is not reading")
-        self._forget(conn)
+        self._drop(conn, CloseCode.SLOW_CONSUMER, "outbound buffer overflow: the client is not reading")
 
     # --- token lifetime -----------------------------------------------------------------------
 
@@ -235,13 +241,11 @@ class Gateway:
     def _expire(self, conn: Connection, expired_at: float) -> None:
         conn.expiry_timer = None
         if not conn.closed and conn.identity.expires_at == expired_at:
-            conn.close(self.ids, CloseCode.AUTH_FAILED, "token expired")
-            self._forget(conn)
+            self._drop(conn, CloseCode.AUTH_FAILED, "token expired")
 
     def close_abusive(self, conn: Connection) -> None:
         log.warning("closing %s: kept exceeding the message rate limit", conn.connection_id)
-        conn.close(self.ids, CloseCode.RATE_LIMITED, "kept exceeding the message rate limit")
-        self._forget(conn)
+        self._drop(conn, CloseCode.RATE_LIMITED, "kept exceeding the message rate limit")
 
     def refresh_token(self, conn: Connection, expires_at: float) -> None:
         """A valid token_refresh for the same user: extend the connection's authorisation."""

@@ -10,6 +10,7 @@ cost of a send.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -59,7 +60,16 @@ class GatewaySocket(WebSocketHandler):
         except GatewayError as exc:
             self._refuse(exc)
             return
+        if gateway.settings.socket_sndbuf:
+            self._cap_kernel_send_buffer(gateway.settings.socket_sndbuf)
         self.conn = await gateway.connect(identity, self, self.request.remote_ip or "")
+
+    def _cap_kernel_send_buffer(self, size: int) -> None:
+        """Bound what the kernel holds for a client that stopped reading (it autotunes up to MBs)."""
+        stream = cast(WebSocketProtocol13, self.ws_connection).stream
+        sock = getattr(stream, "socket", None)
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     def _refuse(self, exc: GatewayError) -> None:
         gateway = self.gateway
@@ -109,8 +119,9 @@ class GatewaySocket(WebSocketHandler):
         protocol = self.ws_connection
         if protocol is None:
             return 0
-        stream = cast(WebSocketProtocol13, protocol).stream
-        return int(getattr(stream, "_write_buffer_size", 0))
+        # IOStream keeps unsent bytes in `_write_buffer` (private, but the only measure Tornado has).
+        buffer = getattr(cast(WebSocketProtocol13, protocol).stream, "_write_buffer", None)
+        return len(buffer) if buffer is not None else 0
 
     def on_drained(self, callback: Callable[[], None]) -> None:
         protocol = self.ws_connection
