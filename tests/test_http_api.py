@@ -114,3 +114,10 @@ async def test_ready_is_200_when_redis_is_connected(gateway: GatewayProcess) -> 
 async def test_unknown_path_is_404(gateway: GatewayProcess) -> None:
     status, _body = await gateway.http("GET", "/nope")
     assert status == 404
+
+
+async def test_broadcast_payload_with_nan_is_400_not_a_crash(keyed: GatewayProcess) -> None:
+    raw = b'{"type": "notification", "payload": {"title": "t", "body": "b", "score": NaN}}'
+    status, reply = await keyed.http("POST", "/broadcast/user/u1", raw=raw, headers=auth())
+    assert (status, reply["error"]) == (400, "INVALID_MESSAGE")
+    assert (await keyed.http("GET", "/health"))[0] == 200

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import redis
 
@@ -72,3 +74,65 @@ async def test_dispatch_response_during_an_outage_gets_a_retryable_error_and_no_
 
 async def _is(status: object, expected: int) -> bool:
     return await status == expected  # type: ignore[misc]
+
+
+async def test_a_twelve_second_outage_is_survived_and_cross_instance_delivery_resumes(
+        make_gateway, own_redis: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    """The figures of the README's failure-modes section come from this test (printed with -s)."""
+    env = {"HEARTBEAT_INTERVAL": "1", "HEARTBEAT_TIMEOUT": "4"}
+    first, second = make_gateway(env, url=own_redis.url), make_gateway(env, url=own_redis.url)
+    here, there = unique(), unique()
+    local = await first.connect(here, "rider", "phone")
+    remote = await second.connect(there, "rider", "phone")
+    keepers = [asyncio.create_task(_answer_heartbeats(c)) for c in (local, remote)]
+    own_redis.stop()
+    down_at = time.monotonic()
+    await eventually(lambda: _is(ready_status(first), 503))
+    # During the outage: a client frame that needs Redis is refused (retryable), never acked...
+    local_ws = local.ws
+    reply = await _request_while_keeping(local, {"type": "heartbeat_ack", "id": "alive", "payload": {}})
+    assert reply["type"] == "ack"
+    # ...and a broadcast still reaches the devices on the instance that received it.
+    status, body = await first.http("POST", f"/broadcast/user/{here}", NOTE)
+    assert (status, body.get("degraded"), body["devices"]) == (202, True, 1)
+    status, body = await first.http("POST", f"/broadcast/user/{there}", NOTE)
+    assert status == 503
+    await asyncio.sleep(max(0.0, 12 - (time.monotonic() - down_at)))
+    own_redis.start()
+    up_at = time.monotonic()
+    await eventually(lambda: _is(ready_status(first), 200), timeout=15)
+    await eventually(lambda: _is(ready_status(second), 200), timeout=15)
+    ready_after = time.monotonic() - up_at
+    r = own_redis.client()
+    published = lost = 0
+    while True:  # publish until the remote user's instance has resubscribed
+        published += 1
+        if r.publish(f"{second.prefix}:user:{there}", json.dumps(NOTE)) == 1:
+            break
+        lost += 1
+        await asyncio.sleep(0.02)
+    resumed_after = time.monotonic() - up_at
+    print(f"\noutage {up_at - down_at:.1f} s survived; ready {ready_after:.2f} s after Redis returned; "
+          f"cross-instance delivery resumed after {resumed_after:.2f} s; {lost} of {published} publishes in "
+          f"that window reached no subscriber (PUBLISH returned 0 to the publisher)")
+    assert local.ws is local_ws and local.ws.close_code is None and remote.ws.close_code is None
+    for task in keepers:
+        task.cancel()
+    assert resumed_after < 10
+    local.close()
+    remote.close()
+
+
+NOTE = {"type": "notification", "payload": {"title": "t", "body": "b"}}
+
+
+async def _answer_heartbeats(client) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        frame = await client.recv("heartbeat", timeout=30)
+        client.send({"type": "heartbeat_ack", "payload": frame["payload"]})
+
+
+async def _request_while_keeping(client, frame: dict) -> dict:  # type: ignore[no-untyped-def]
+    client.send(frame)
+    await asyncio.sleep(0.3)
+    return next(f for f in client.frames if f["type"] == "ack" and f["payload"]["id"] == frame["id"])

@@ -10,7 +10,7 @@ class Backoff:
 
     __slots__ = ("base_s", "cap_s", "attempt")
 
-    def __init__(self, base_s: float = 0.1, cap_s: float = 5.0) -> None:
+    def __init__(self, base_s: float = 0.1, cap_s: float = 2.0) -> None:
         self.base_s = base_s
         self.cap_s = cap_s
         self.attempt = 0

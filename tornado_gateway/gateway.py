@@ -54,6 +54,13 @@ class ControlMessage(TypedDict):
     connectionId: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class BroadcastResult:
+    message_id: str
+    devices: int
+    degraded: bool  # Redis was down: delivered to this instance's devices only
+
+
 class Gateway:
     def __init__(self, settings: Settings, presence: Presence, bus: Bus, metrics: Metrics) -> None:
         self.settings = settings
@@ -310,12 +317,27 @@ class Gateway:
             log.info("presence resynced: %d connections", len(self.hub))
             return
 
-    async def publish_to_user(self, user_id: str, message: dict[str, Any]) -> str:
-        """Validate and publish a service message (broadcast API); returns its id."""
+    async def broadcast(self, user_id: str, message: object) -> BroadcastResult:
+        """The broadcast API: validate, count the user's devices in the cluster registry, publish.
+
+        While Redis is down, devices of the user on this instance still get the message (degraded)."""
         kind, payload, ref, stamp = validate_service_message(message)
         message_id = ref or self.ids.next()
-        await self.bus.publish_user(user_id, dumps(envelope(kind, payload, message_id, stamp)))
-        return message_id
+        try:
+            text = dumps(envelope(kind, payload, message_id, stamp))
+        except OverflowError:
+            raise ValidationError("payload contains NaN or Infinity, which JSON cannot carry") from None
+        try:
+            devices = await self.presence.device_count(user_id)
+            await self.bus.publish_user(user_id, text)
+        except BusUnavailable:
+            local = self.hub.devices(user_id)
+            if not local:
+                raise
+            count = len(local)
+            self.on_user_message(user_id, text.encode())
+            return BroadcastResult(message_id, count, degraded=True)
+        return BroadcastResult(message_id, devices, degraded=False)
 
     # --- stats and housekeeping ---------------------------------------------------------------
 

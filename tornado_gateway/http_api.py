@@ -12,7 +12,6 @@ import logging
 from typing import Any
 
 import ujson
-from redis.exceptions import RedisError
 from tornado.web import RequestHandler
 
 from . import metrics as m
@@ -78,16 +77,18 @@ class BroadcastHandler(ApiHandler):
             self.send_error_json(400, ErrorCode.INVALID_JSON, "body is not valid JSON")
             return 400
         try:
-            devices = await self.gateway.presence.device_count(user_id)
-            message_id = await self.gateway.publish_to_user(user_id, body)
+            result = await self.gateway.broadcast(user_id, body)
         except ValidationError as exc:
             self.send_error_json(400, exc.code, exc.message)
             return 400
-        except (BusUnavailable, RedisError) as exc:
+        except BusUnavailable as exc:
             log.warning("broadcast to %s failed: %s", user_id, exc)
             self.send_error_json(503, ErrorCode.UNAVAILABLE, "Redis is unavailable; retry later")
             return 503
-        self.send_json(202, {"messageId": message_id, "devices": devices})
+        reply: dict[str, object] = {"messageId": result.message_id, "devices": result.devices}
+        if result.degraded:
+            reply["degraded"] = True
+        self.send_json(202, reply)
         return 202
 
     def _authorised(self) -> bool:

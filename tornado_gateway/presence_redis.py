@@ -15,8 +15,10 @@ from typing import cast
 
 import ujson
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
+from .bus import BusUnavailable
 from .connection import Connection
 from .messages import USER_TYPES, dumps
 from .presence import DEVICE_LIMIT_MARKER, DeviceLimitReached, PresenceEntry, ServerStats, presence_entry
@@ -114,7 +116,10 @@ class RedisPresence:
         )
 
     async def device_count(self, user_id: str) -> int:
-        return int(await self._redis.hlen(self._keys.presence(user_id)))
+        try:
+            return int(await self._redis.hlen(self._keys.presence(user_id)))
+        except RedisError as exc:
+            raise BusUnavailable(str(exc)) from None
 
     async def publish_server(self, stats: ServerStats) -> None:
         key = self._keys.server(self._server_id)
