@@ -30,7 +30,7 @@ async def test_clients_of_a_killed_instance_reconnect_elsewhere_and_receive(make
         assert (await client.closed(timeout=5))[0] in (1006, None)  # no close frame from a dead process
     moved = [await survivor.connect(user, device_id="phone") for user in users]
     for user, client in zip(users, moved, strict=True):
-        status, body = await survivor.http("POST", f"/broadcast/user/{user}",
+        status, _body = await survivor.http("POST", f"/broadcast/user/{user}",
                                            {"type": "notification", "payload": {"title": "moved", "body": "ok"}})
         assert status == 202
         assert (await client.recv("notification"))["payload"]["title"] == "moved"
