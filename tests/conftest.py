@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
 
 import pytest
 import redis
 
 from tests.helpers import SHARED_REDIS_URL, Client, GatewayProcess, RedisServer, unique
+
+pytest_plugins = ["tests.soak_plugin"]
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +86,3 @@ async def clients() -> AsyncIterator[list[Client]]:
     yield opened
     for client in opened:
         client.close()
-
-
-def pytest_configure(config: Any) -> None:
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
