@@ -14,7 +14,7 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 from tornado.httpserver import HTTPServer
@@ -70,10 +70,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         child_args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "run"]
         return supervise(settings.processes, child_args, settings.server_id if os.environ.get("SERVER_ID") else None)
     try:
-        asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+            runner.run(serve(settings))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (the `uvloop` extra) unless EVENT_LOOP=asyncio; Tornado runs on either."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("tornado-gateway: EVENT_LOOP=uvloop but uvloop is not installed") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def print_token(settings: Settings, args: argparse.Namespace) -> int:
@@ -129,7 +144,8 @@ def announce(settings: Settings, embedded: bool) -> None:
     if settings.gateway_api_key is None:
         log.warning("GATEWAY_API_KEY is not set: POST /broadcast is accepted from loopback addresses only")
     port = settings.port
-    log.info("instance %s listening on :%d (%s bus)", settings.server_id, port, "embedded" if embedded else "Redis")
+    log.info("instance %s listening on :%d (%s bus, %s loop)", settings.server_id, port,
+             "embedded" if embedded else "Redis", type(asyncio.get_running_loop()).__module__.split(".")[0])
     if settings.dev:
         log.info("mint a token:  .venv/bin/tornado-gateway --dev token --sub u1 --user-type driver")
         log.info("connect:       ws://localhost:%d/ws?token=TOKEN&userType=driver&deviceId=d1&platform=ios", port)
