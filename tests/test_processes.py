@@ -13,17 +13,9 @@ from tests.helpers import GatewayProcess, eventually, unique
 
 async def test_processes_share_the_port_as_separate_instances(make_gateway) -> None:  # type: ignore[no-untyped-def]
     gateway: GatewayProcess = make_gateway({"PROCESSES": "2", "LOG_LEVEL": "WARNING"})
-    seen: set[str] = set()
-    clients = []
-    for _ in range(40):  # SO_REUSEPORT spreads new connections over both children
-        client = await gateway.connect()
-        seen.add(client.frames[0]["payload"]["serverId"])
-        clients.append(client)
-        if len(seen) == 2:
-            break
+    # SO_REUSEPORT spreads new connections over both children once both are listening.
+    seen = await eventually(lambda: _serves_both(gateway), timeout=15)
     assert seen == {f"{gateway.server_id}-0", f"{gateway.server_id}-1"}
-    for client in clients:
-        client.close()
 
 
 async def test_a_child_that_dies_is_restarted(make_gateway) -> None:  # type: ignore[no-untyped-def]
@@ -54,11 +46,11 @@ async def test_sigterm_reaches_every_child_and_the_parent_exits_0(make_gateway) 
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
 
 
-async def _serves_both(gateway: GatewayProcess) -> bool:
+async def _serves_both(gateway: GatewayProcess) -> set[str] | None:
     seen = set()
     for _ in range(30):
         client = await gateway.connect()
         seen.add(client.frames[0]["payload"]["serverId"])
         client.close()
         await asyncio.sleep(0)
-    return len(seen) == 2
+    return seen if len(seen) == 2 else None

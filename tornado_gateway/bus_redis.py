@@ -15,93 +15,29 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Any, cast
 
-import hiredis
 import redis.exceptions
-from redis.asyncio import Redis
-from redis.asyncio.connection import parse_url
 
 from . import metrics as m
 from .backoff import Backoff
 from .bus import BusListener, BusUnavailable
 from .metrics import Metrics
 from .redis_keys import Keys
+from .resp import PipelinedClient, RedisReplyError, RedisUnavailable, RespConnection
 
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_CHUNK = 1000
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-
-
-class SubscriberConnection:
-    """A bare RESP connection for the subscriber side, parsed by hiredis.
-
-    redis-py's own connection consumes subscribe confirmations as "push
-    responses" and wraps every reply in Python-level machinery; the listener
-    needs neither. Writes here are synchronous (`transport.write`), so
-    SUBSCRIBE/UNSUBSCRIBE reach Redis in exactly the order they were issued.
-    """
-
-    __slots__ = ("_host", "_port", "_username", "_password", "_ssl", "_unix_path", "_reader", "_writer", "_parser")
-
-    def __init__(self, url: str) -> None:
-        kwargs = parse_url(url)
-        self._host = str(kwargs.get("host", "localhost"))
-        self._port = int(kwargs.get("port", 6379))
-        self._username = kwargs.get("username")
-        self._password = kwargs.get("password")
-        self._ssl = "SSL" in getattr(kwargs.get("connection_class"), "__name__", "")
-        self._unix_path = kwargs.get("path")
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._parser = hiredis.Reader()
-
-    async def connect(self, timeout_s: float = 2.0) -> None:
-        if self._unix_path:
-            opening = asyncio.open_unix_connection(self._unix_path)
-        else:
-            opening = asyncio.open_connection(self._host, self._port, ssl=True if self._ssl else None)
-        self._reader, self._writer = await asyncio.wait_for(opening, timeout_s)
-        if self._password:
-            auth = ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)
-            self.send(*auth)
-            reply = (await asyncio.wait_for(self.read_replies(), timeout_s))[0]
-            if isinstance(reply, Exception):
-                raise ConnectionError(f"Redis refused AUTH: {reply}")
-
-    def send(self, *args: str) -> None:
-        if self._writer is None or self._writer.is_closing():
-            raise ConnectionError("subscriber connection is closed")
-        self._writer.write(hiredis.pack_command(cast(Any, args)))  # its stub types a 1-tuple
-
-    async def read_replies(self) -> list[Any]:
-        """Every complete reply available after one socket read (at least one)."""
-        assert self._reader is not None
-        replies: list[Any] = []
-        while not replies:
-            data = await self._reader.read(65536)
-            if not data:
-                raise ConnectionError("Redis closed the subscriber connection")
-            self._parser.feed(data)
-            reply = self._parser.gets()
-            while reply is not False:
-                replies.append(reply)
-                reply = self._parser.gets()
-        return replies
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, RedisUnavailable,
+                RedisReplyError)
 
 
 class RedisBus:
     embedded = False
 
-    def __init__(self, redis: Redis, url: str, keys: Keys, server_id: str, metrics: Metrics, *,
+    def __init__(self, commands: PipelinedClient, url: str, keys: Keys, server_id: str, metrics: Metrics, *,
                  stream_maxlen: int) -> None:
-        self._redis = redis
+        self._commands = commands
         self._url = url
         self._keys = keys
         self._metrics = metrics
@@ -111,7 +47,7 @@ class RedisBus:
         self._user_prefix_b = keys.user_channel_prefix.encode()
         self._wanted: set[str] = set()
         self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
-        self._conn: SubscriberConnection | None = None
+        self._conn: RespConnection | None = None
         self._listener: BusListener | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = False
@@ -139,6 +75,7 @@ class RedisBus:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        await self._commands.close()
 
     # --- subscriptions ------------------------------------------------------------------------
 
@@ -164,7 +101,7 @@ class RedisBus:
             self._send_quietly(conn, "UNSUBSCRIBE", channel)
 
     @staticmethod
-    def _send_quietly(conn: SubscriberConnection, *args: str) -> None:
+    def _send_quietly(conn: RespConnection, *args: str) -> None:
         try:
             conn.send(*args)
         except REDIS_ERRORS:
@@ -184,7 +121,7 @@ class RedisBus:
     async def _publish(self, channel: str, data: str) -> None:
         started = time.perf_counter()
         try:
-            await self._redis.publish(channel, data)
+            await self._commands.call("PUBLISH", channel, data)
         except REDIS_ERRORS as exc:
             self._metrics.incr(m.REDIS_ERRORS)
             raise BusUnavailable(str(exc)) from None
@@ -193,10 +130,11 @@ class RedisBus:
     async def append_dispatch_response(self, data: str) -> None:
         started = time.perf_counter()
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._keys.dispatch_stream, {"data": data}, maxlen=self._stream_maxlen, approximate=True)
-                pipe.publish(self._keys.events("dispatch_response"), data)
-                await pipe.execute()
+            # Both go out in the same write; the ack waits for the stream entry, as the contract says.
+            added = self._commands.call("XADD", self._keys.dispatch_stream, "MAXLEN", "~", self._stream_maxlen,
+                                        "*", "data", data)
+            published = self._commands.call("PUBLISH", self._keys.events("dispatch_response"), data)
+            await asyncio.gather(added, published)
         except REDIS_ERRORS as exc:
             self._metrics.incr(m.REDIS_ERRORS)
             raise BusUnavailable(str(exc)) from None
@@ -219,7 +157,7 @@ class RedisBus:
         backoff = Backoff()
         connected_before = False
         while not self._stopping:
-            conn = SubscriberConnection(self._url)
+            conn = RespConnection(self._url)
             delay = backoff.next_delay()
             try:
                 await conn.connect()
@@ -250,12 +188,12 @@ class RedisBus:
             if not self._stopping:
                 await asyncio.sleep(delay)
 
-    def _subscribe_all(self, conn: SubscriberConnection) -> None:
+    def _subscribe_all(self, conn: RespConnection) -> None:
         channels = [self._control_channel, *self._wanted]
         for start in range(0, len(channels), SUBSCRIBE_CHUNK):
             conn.send("SUBSCRIBE", *channels[start:start + SUBSCRIBE_CHUNK])
 
-    async def _read_forever(self, conn: SubscriberConnection) -> None:
+    async def _read_forever(self, conn: RespConnection) -> None:
         listener = self._listener
         assert listener is not None
         prefix, prefix_len, control = self._user_prefix_b, len(self._user_prefix_b), self._control_channel_b

@@ -31,6 +31,7 @@ from .metrics import Metrics
 from .presence import MemoryPresence, Presence
 from .presence_redis import RedisPresence
 from .redis_keys import Keys
+from .resp import PipelinedClient
 from .supervisor import supervise
 
 log = logging.getLogger("tornado_gateway")
@@ -129,8 +130,9 @@ async def build_backends(settings: Settings, metrics: Metrics) -> tuple[Presence
             await redis.aclose()
             return MemoryPresence(settings.server_id), MemoryBus(), None
     keys = Keys(settings.redis_prefix)
-    presence = RedisPresence(redis, keys, settings.server_id, settings.instance_ttl_s)
-    bus = RedisBus(redis, settings.redis_url, keys, settings.server_id, metrics,
+    commands = PipelinedClient(settings.redis_url)
+    presence = RedisPresence(redis, commands, keys, settings.server_id, settings.instance_ttl_s)
+    bus = RedisBus(commands, settings.redis_url, keys, settings.server_id, metrics,
                    stream_maxlen=settings.dispatch_stream_maxlen)
     return presence, bus, redis
 

@@ -23,6 +23,7 @@ from .connection import Connection
 from .messages import USER_TYPES, dumps
 from .presence import DEVICE_LIMIT_MARKER, DeviceLimitReached, PresenceEntry, ServerStats, presence_entry
 from .redis_keys import Keys
+from .resp import PipelinedClient, RedisReplyError, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -87,33 +88,39 @@ def _decode_entry(raw: bytes | None) -> PresenceEntry | None:
 
 
 class RedisPresence:
-    def __init__(self, redis: Redis, keys: Keys, server_id: str, instance_ttl_s: float) -> None:
+    def __init__(self, redis: Redis, commands: PipelinedClient, keys: Keys, server_id: str,
+                 instance_ttl_s: float) -> None:
         self._redis = redis
+        self._commands = commands
+        self._register_sha = commands.script(REGISTER)
+        self._unregister_sha = commands.script(UNREGISTER)
         self._keys = keys
         self._server_id = server_id
         self._ttl_ms = int(instance_ttl_s * 1000)
-        self._register = redis.register_script(REGISTER)
-        self._unregister = redis.register_script(UNREGISTER)
         self._resync = redis.register_script(RESYNC)
         self._purge = redis.register_script(PURGE_SERVER)
 
     async def register(self, conn: Connection, *, max_devices: int = 0) -> PresenceEntry | None:
         ident = conn.identity
         entry = dumps(presence_entry(conn, self._server_id))
-        old = await self._register(
-            keys=[self._keys.presence(ident.user_id), self._keys.server_users(self._server_id)],
-            args=[ident.device_id, entry, ident.user_id, max_devices],
-        )
+        try:
+            old = await self._commands.evalsha(
+                self._register_sha, [self._keys.presence(ident.user_id), self._keys.server_users(self._server_id)],
+                [ident.device_id, entry, ident.user_id, max_devices])
+        except (RedisUnavailable, RedisReplyError) as exc:
+            raise BusUnavailable(str(exc)) from None
         if old == DEVICE_LIMIT_MARKER.encode():
             raise DeviceLimitReached(max_devices)
         return _decode_entry(old)
 
     async def unregister(self, conn: Connection, *, last_local: bool) -> None:
         ident = conn.identity
-        await self._unregister(
-            keys=[self._keys.presence(ident.user_id), self._keys.server_users(self._server_id)],
-            args=[ident.device_id, conn.connection_id, ident.user_id, "1" if last_local else "0"],
-        )
+        try:
+            await self._commands.evalsha(
+                self._unregister_sha, [self._keys.presence(ident.user_id), self._keys.server_users(self._server_id)],
+                [ident.device_id, conn.connection_id, ident.user_id, "1" if last_local else "0"])
+        except (RedisUnavailable, RedisReplyError) as exc:
+            raise BusUnavailable(str(exc)) from None
 
     async def device_count(self, user_id: str) -> int:
         try:

@@ -1,0 +1,203 @@
+"""Bare Redis connections for the two hot paths: the pub/sub listener and pipelined commands.
+
+redis-py's asyncio client checks a connection out of a pool, wraps every
+command in retry and encoding machinery, and its connection consumes
+subscribe confirmations as "push responses". The gateway's hottest Redis
+traffic (PUBLISH per client event, the presence scripts per connection, the
+subscriber stream) needs none of that, so it runs on one hiredis-parsed
+connection each. Everything else (stats, reaping, resync) uses redis.asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio.connection import parse_url
+
+COMMAND_TIMEOUT_S = 5.0
+
+
+def pack(args: tuple[str | int, ...]) -> bytes:
+    return bytes(hiredis.pack_command(cast(Any, args)))  # its stub types a 1-tuple
+
+
+class RedisUnavailable(ConnectionError):
+    """No connection to Redis, or it did not answer in time."""
+
+
+class RedisReplyError(Exception):
+    """Redis answered with an error (-ERR ...)."""
+
+
+class RespConnection:
+    """A bare RESP connection parsed by hiredis. Writes are synchronous (`transport.write`), so
+    commands reach Redis in exactly the order they were issued."""
+
+    __slots__ = ("_host", "_port", "_username", "_password", "_ssl", "_unix_path", "_reader", "_writer", "_parser")
+
+    def __init__(self, url: str) -> None:
+        kwargs = parse_url(url)
+        self._host = str(kwargs.get("host", "localhost"))
+        self._port = int(kwargs.get("port", 6379))
+        self._username = kwargs.get("username")
+        self._password = kwargs.get("password")
+        self._ssl = "SSL" in getattr(kwargs.get("connection_class"), "__name__", "")
+        self._unix_path = kwargs.get("path")
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._parser = hiredis.Reader()
+
+    async def connect(self, timeout_s: float = 2.0) -> None:
+        if self._unix_path:
+            opening = asyncio.open_unix_connection(self._unix_path)
+        else:
+            opening = asyncio.open_connection(self._host, self._port, ssl=True if self._ssl else None)
+        self._reader, self._writer = await asyncio.wait_for(opening, timeout_s)
+        if self._password:
+            auth = ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)
+            self.send(*auth)
+            reply = (await asyncio.wait_for(self.read_replies(), timeout_s))[0]
+            if isinstance(reply, Exception):
+                raise ConnectionError(f"Redis refused AUTH: {reply}")
+
+    def send(self, *args: str | int) -> None:
+        self.write(pack(args))
+
+    def write(self, data: bytes) -> None:
+        if self._writer is None or self._writer.is_closing():
+            raise ConnectionError("Redis connection is closed")
+        self._writer.write(data)
+
+    async def read_replies(self) -> list[Any]:
+        """Every complete reply available after one socket read (at least one)."""
+        assert self._reader is not None
+        replies: list[Any] = []
+        while not replies:
+            data = await self._reader.read(65536)
+            if not data:
+                raise ConnectionError("Redis closed the connection")
+            self._parser.feed(data)
+            reply = self._parser.gets()
+            while reply is not False:
+                replies.append(reply)
+                reply = self._parser.gets()
+        return replies
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class _Link:
+    """One connection and the commands in flight on it (they fail together if it dies)."""
+
+    __slots__ = ("conn", "outbox", "pending")
+
+    def __init__(self, conn: RespConnection) -> None:
+        self.conn = conn
+        self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.outbox: list[bytes] = []
+
+
+class PipelinedClient:
+    """One connection shared by every caller, pipelined: commands issued in the same event-loop
+    iteration leave in one write, and replies (which Redis sends in order) resolve their futures.
+
+    A dead connection fails every command in flight on it with RedisUnavailable at once and is
+    replaced on the next call, so an outage costs callers a fast error, not a hang.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._link: _Link | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._readers: set[asyncio.Task[None]] = set()
+        self._scripts: dict[str, str] = {}  # sha -> source, for NOSCRIPT after a Redis restart
+
+    async def call(self, *args: str | int) -> Any:
+        link = self._link or await self._connect()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        link.pending.append(future)
+        if not link.outbox:
+            loop.call_soon(self._flush, link)
+        link.outbox.append(pack(args))
+        try:
+            reply = await asyncio.wait_for(future, COMMAND_TIMEOUT_S)
+        except TimeoutError:
+            self._fail(link, RedisUnavailable("Redis did not answer within 5 s"))
+            raise RedisUnavailable("Redis did not answer within 5 s") from None
+        if isinstance(reply, Exception):
+            raise RedisReplyError(str(reply))
+        return reply
+
+    def script(self, source: str) -> str:
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        self._scripts[sha] = source
+        return sha
+
+    async def evalsha(self, sha: str, keys: list[str], args: list[str | int]) -> Any:
+        try:
+            return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        await self.call("SCRIPT", "LOAD", self._scripts[sha])
+        return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+
+    async def close(self) -> None:
+        if self._link is not None:
+            self._fail(self._link, RedisUnavailable("client closed"))
+        for reader in list(self._readers):
+            reader.cancel()
+
+    def _flush(self, link: _Link) -> None:
+        data, link.outbox = b"".join(link.outbox), []
+        try:
+            link.conn.write(data)
+        except ConnectionError as exc:
+            self._fail(link, RedisUnavailable(str(exc)))
+
+    async def _connect(self) -> _Link:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._link is not None:
+                return self._link
+            conn = RespConnection(self._url)
+            try:
+                await conn.connect()
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                raise RedisUnavailable(str(exc) or type(exc).__name__) from None
+            link = self._link = _Link(conn)
+            reader = asyncio.create_task(self._read(link), name="redis-pipeline-reader")
+            self._readers.add(reader)
+            reader.add_done_callback(self._readers.discard)
+            return link
+
+    async def _read(self, link: _Link) -> None:
+        try:
+            while True:
+                for reply in await link.conn.read_replies():
+                    future = link.pending.popleft()
+                    if not future.done():
+                        future.set_result(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any read failure ends this connection
+            self._fail(link, RedisUnavailable(str(exc) or type(exc).__name__))
+
+    def _fail(self, link: _Link, error: Exception) -> None:
+        if self._link is link:
+            self._link = None
+        link.conn.close()
+        link.outbox = []
+        pending, link.pending = link.pending, collections.deque()
+        for future in pending:
+            if not future.done():
+                future.set_exception(error)
