@@ -136,3 +136,18 @@ async def _request_while_keeping(client, frame: dict) -> dict:  # type: ignore[n
     client.send(frame)
     await asyncio.sleep(0.3)
     return next(f for f in client.frames if f["type"] == "ack" and f["payload"]["id"] == frame["id"])
+
+
+async def test_new_connections_register_after_redis_restarted_empty(make_gateway,  # type: ignore[no-untyped-def]
+                                                                   own_redis: RedisServer) -> None:
+    gateway = make_gateway(url=own_redis.url)
+    first = await gateway.connect()
+    own_redis.stop()
+    await eventually(lambda: _is(ready_status(gateway), 503))
+    own_redis.start()  # its script cache is empty: the gateway must load its scripts again
+    await eventually(lambda: _is(ready_status(gateway), 200), timeout=10)
+    user = unique()
+    client = await gateway.connect(user, device_id="fresh")
+    await eventually(lambda: own_redis.client().hexists(f"{gateway.prefix}:presence:{user}", "fresh"))
+    first.close()
+    client.close()
