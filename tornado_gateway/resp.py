@@ -34,10 +34,13 @@ class RedisReplyError(Exception):
 
 
 class RespConnection:
-    """A bare RESP connection parsed by hiredis. Writes are synchronous (`transport.write`), so
-    commands reach Redis in exactly the order they were issued."""
+    """A bare RESP connection parsed by hiredis.
 
-    __slots__ = ("_host", "_port", "_username", "_password", "_ssl", "_unix_path", "_reader", "_writer", "_parser")
+    Commands are queued in order and written once per event-loop iteration: a connect storm's
+    SUBSCRIBEs and presence scripts leave in one syscall instead of one each."""
+
+    __slots__ = ("_host", "_port", "_username", "_password", "_ssl", "_unix_path", "_reader", "_writer", "_parser",
+                 "_outbox")
 
     def __init__(self, url: str) -> None:
         kwargs = parse_url(url)
@@ -50,6 +53,7 @@ class RespConnection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._parser = hiredis.Reader()
+        self._outbox: list[bytes] = []
 
     async def connect(self, timeout_s: float = 2.0) -> None:
         if self._unix_path:
@@ -59,18 +63,22 @@ class RespConnection:
         self._reader, self._writer = await asyncio.wait_for(opening, timeout_s)
         if self._password:
             auth = ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)
-            self.send(*auth)
+            self.send(*[a for a in auth if a is not None])
             reply = (await asyncio.wait_for(self.read_replies(), timeout_s))[0]
             if isinstance(reply, Exception):
                 raise ConnectionError(f"Redis refused AUTH: {reply}")
 
     def send(self, *args: str | int) -> None:
-        self.write(pack(args))
-
-    def write(self, data: bytes) -> None:
         if self._writer is None or self._writer.is_closing():
             raise ConnectionError("Redis connection is closed")
-        self._writer.write(data)
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(pack(args))
+
+    def _flush(self) -> None:
+        data, self._outbox = b"".join(self._outbox), []
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(data)  # a failed write surfaces as a read error on this connection
 
     async def read_replies(self) -> list[Any]:
         """Every complete reply available after one socket read (at least one)."""
@@ -96,12 +104,11 @@ class RespConnection:
 class _Link:
     """One connection and the commands in flight on it (they fail together if it dies)."""
 
-    __slots__ = ("conn", "outbox", "pending")
+    __slots__ = ("conn", "pending")
 
     def __init__(self, conn: RespConnection) -> None:
         self.conn = conn
         self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self.outbox: list[bytes] = []
 
 
 class PipelinedClient:
@@ -121,12 +128,13 @@ class PipelinedClient:
 
     async def call(self, *args: str | int) -> Any:
         link = self._link or await self._connect()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        try:
+            link.conn.send(*args)
+        except ConnectionError as exc:
+            self._fail(link, RedisUnavailable(str(exc)))
+            raise RedisUnavailable(str(exc)) from None
         link.pending.append(future)
-        if not link.outbox:
-            loop.call_soon(self._flush, link)
-        link.outbox.append(pack(args))
         try:
             reply = await asyncio.wait_for(future, COMMAND_TIMEOUT_S)
         except TimeoutError:
@@ -155,13 +163,6 @@ class PipelinedClient:
             self._fail(self._link, RedisUnavailable("client closed"))
         for reader in list(self._readers):
             reader.cancel()
-
-    def _flush(self, link: _Link) -> None:
-        data, link.outbox = b"".join(link.outbox), []
-        try:
-            link.conn.write(data)
-        except ConnectionError as exc:
-            self._fail(link, RedisUnavailable(str(exc)))
 
     async def _connect(self) -> _Link:
         if self._connecting is None:
@@ -196,7 +197,6 @@ class PipelinedClient:
         if self._link is link:
             self._link = None
         link.conn.close()
-        link.outbox = []
         pending, link.pending = link.pending, collections.deque()
         for future in pending:
             if not future.done():
