@@ -44,7 +44,7 @@ async def test_draining_instance_accepts_no_new_connections(make_gateway) -> Non
 
 
 async def test_connection_open_and_close_are_logged_without_the_token(make_gateway) -> None:  # type: ignore[no-untyped-def]
-    gateway = make_gateway({"GATEWAY_API_KEY": "api-key-must-not-leak-42"})
+    gateway = make_gateway({"GATEWAY_API_KEY": "api-key-must-not-leak-42", "LOG_LEVEL": "DEBUG"})
     user = unique()
     token = make_token(user)
     client = await gateway.connect(user, device_id="logdev", token=token)

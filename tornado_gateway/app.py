@@ -14,9 +14,12 @@ access_log = logging.getLogger("tornado_gateway.access")
 
 
 def log_request(handler: RequestHandler) -> None:
-    """Tornado's default logs the full URI, which would put `?token=` in the logs; log the path only."""
+    """Tornado's default logs the full URI, which would put `?token=` in the logs; log the path only.
+
+    Successful requests log at DEBUG: at thousands of broadcasts a second an INFO line each would
+    cost more than the broadcast, and every WebSocket already gets its own opened/closed lines."""
     status = handler.get_status()
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    level = logging.DEBUG if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     request = handler.request
     access_log.log(level, "%d %s %s (%s) %.2fms", status, request.method, request.path, request.remote_ip,
                    1000.0 * request.request_time())

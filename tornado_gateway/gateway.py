@@ -328,8 +328,9 @@ class Gateway:
         except OverflowError:
             raise ValidationError("payload contains NaN or Infinity, which JSON cannot carry") from None
         try:
-            devices = await self.presence.device_count(user_id)
-            await self.bus.publish_user(user_id, text)
+            # Counted and published in one round trip: both ride the same pipelined write.
+            devices, _ = await asyncio.gather(self.presence.device_count(user_id),
+                                              self.bus.publish_user(user_id, text))
         except BusUnavailable:
             local = self.hub.devices(user_id)
             if not local:

@@ -15,7 +15,6 @@ from typing import cast
 
 import ujson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from .bus import BusUnavailable
@@ -124,8 +123,8 @@ class RedisPresence:
 
     async def device_count(self, user_id: str) -> int:
         try:
-            return int(await self._redis.hlen(self._keys.presence(user_id)))
-        except RedisError as exc:
+            return int(await self._commands.call("HLEN", self._keys.presence(user_id)))
+        except (RedisUnavailable, RedisReplyError) as exc:
             raise BusUnavailable(str(exc)) from None
 
     async def publish_server(self, stats: ServerStats) -> None:
