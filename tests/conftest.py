@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 import redis
 
-from tests.helpers import SHARED_REDIS_URL, Client, GatewayProcess, RedisServer, unique
+from tests.helpers import SHARED_REDIS_URL, Client, GatewayProcess, RedisServer, module_gateway, unique
 
 pytest_plugins = ["tests.soak_plugin"]
 
@@ -40,12 +40,7 @@ def prefix(redis_url: str) -> Iterator[str]:
         client.delete(*keys)
 
 
-@pytest.fixture(scope="module")
-def gateway(redis_url: str, prefix: str) -> Iterator[GatewayProcess]:
-    """One gateway shared by a module's tests (they use unique user ids)."""
-    process = GatewayProcess(redis_url, prefix).start()
-    yield process
-    process.stop()
+gateway = module_gateway()
 
 
 @pytest.fixture

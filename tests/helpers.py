@@ -17,11 +17,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jwt
+import pytest
 import redis
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
@@ -319,3 +320,14 @@ class RawSocketClient:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+def module_gateway(env: dict[str, str] | None = None) -> Callable[[str, str], Iterator[GatewayProcess]]:
+    """A module-scoped fixture: one gateway with `env`, shared by a module's tests (unique user ids)."""
+
+    def fixture(redis_url: str, prefix: str) -> Iterator[GatewayProcess]:
+        process = GatewayProcess(redis_url, prefix, env).start()
+        yield process
+        process.stop()
+
+    return pytest.fixture(scope="module")(fixture)

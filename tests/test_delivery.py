@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import redis
 
-from tests.helpers import GatewayProcess, eventually, unique
+from tests.helpers import GatewayProcess, eventually, module_gateway, unique
 
-
-@pytest.fixture(scope="module")
-def second(redis_url: str, prefix: str) -> Iterator[GatewayProcess]:
-    process = GatewayProcess(redis_url, prefix).start()
-    yield process
-    process.stop()
+second = module_gateway()
 
 
 def publish(client: redis.Redis, prefix: str, user_id: str, message: dict) -> int:

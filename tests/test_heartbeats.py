@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
-import pytest
 import redis
 
-from tests.helpers import GatewayProcess, eventually
+from tests.helpers import GatewayProcess, eventually, module_gateway
 
 FAST = {"HEARTBEAT_INTERVAL": "0.2", "HEARTBEAT_TIMEOUT": "0.6"}
 
 
-@pytest.fixture(scope="module")
-def fast(redis_url: str, prefix: str) -> Iterator[GatewayProcess]:
-    process = GatewayProcess(redis_url, prefix, FAST).start()
-    yield process
-    process.stop()
+fast = module_gateway(FAST)
 
 
 async def test_connected_announces_the_heartbeat_interval_in_ms(fast: GatewayProcess) -> None:

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from tests.helpers import GatewayProcess, unique
+from tests.helpers import GatewayProcess, module_gateway, unique
 from tornado_gateway.http_api import broadcast_refusal
 
 KEY = "svc-key-0123456789"
 NOTE = {"type": "notification", "payload": {"title": "Hi", "body": "there"}}
 
 
-@pytest.fixture(scope="module")
-def keyed(redis_url: str, prefix: str) -> Iterator[GatewayProcess]:
-    process = GatewayProcess(redis_url, prefix, {"GATEWAY_API_KEY": KEY, "MAX_MESSAGE_SIZE": "2048"}).start()
-    yield process
-    process.stop()
+keyed = module_gateway({"GATEWAY_API_KEY": KEY, "MAX_MESSAGE_SIZE": "2048"})
 
 
 def auth(key: str = KEY) -> dict[str, str]:

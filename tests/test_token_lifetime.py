@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from tests.helpers import GatewayProcess, make_token, unique
+from tests.helpers import GatewayProcess, make_token, module_gateway, unique
 
 SHORT = {"HEARTBEAT_INTERVAL": "0.2", "HEARTBEAT_TIMEOUT": "30", "TOKEN_EXPIRY_GRACE": "0.6"}
 
 
-@pytest.fixture(scope="module")
-def short(redis_url: str, prefix: str) -> Iterator[GatewayProcess]:
-    process = GatewayProcess(redis_url, prefix, SHORT).start()
-    yield process
-    process.stop()
+short = module_gateway(SHORT)
 
 
 async def test_expired_token_gets_an_error_then_4401_after_the_grace(short: GatewayProcess) -> None:
