@@ -250,6 +250,9 @@ class Gateway:
         if not conn.closed and conn.identity.expires_at == expired_at:
             self._drop(conn, CloseCode.AUTH_FAILED, "token expired")
 
+    def close_on_internal_error(self, conn: Connection) -> None:
+        self._drop(conn, CloseCode.INTERNAL_ERROR, "internal error")
+
     def close_abusive(self, conn: Connection) -> None:
         log.warning("closing %s: kept exceeding the message rate limit", conn.connection_id)
         self._drop(conn, CloseCode.RATE_LIMITED, "kept exceeding the message rate limit")
@@ -325,8 +328,8 @@ class Gateway:
         message_id = ref or self.ids.next()
         try:
             text = dumps(envelope(kind, payload, message_id, stamp))
-        except OverflowError:
-            raise ValidationError("payload contains NaN or Infinity, which JSON cannot carry") from None
+        except (OverflowError, UnicodeEncodeError):
+            raise ValidationError("payload contains NaN, Infinity, a huge number or invalid UTF-8") from None
         try:
             # Counted and published in one round trip: both ride the same pipelined write.
             devices, _ = await asyncio.gather(self.presence.device_count(user_id),

@@ -123,8 +123,27 @@ class InboundEvent(TypedDict):
 FieldCheck = Callable[[str, Any], Any]
 
 
+MAX_INT = 2**63  # larger integers overflow floats (math.isfinite raises) and JSON encoders
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -MAX_INT < value < MAX_INT
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def is_text(value: Any, max_length: int, *, non_empty: bool = True) -> bool:
+    """A string that fits and can be encoded as UTF-8 (JSON's \\ud800 escapes decode to lone
+    surrogates, which cannot be sent on)."""
+    if not isinstance(value, str) or len(value) > max_length or (non_empty and not value):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def number(low: float | None = None, high: float | None = None) -> FieldCheck:
@@ -140,8 +159,8 @@ def number(low: float | None = None, high: float | None = None) -> FieldCheck:
 
 def text(max_length: int = MAX_ID_LENGTH, *, non_empty: bool = True) -> FieldCheck:
     def check(name: str, value: Any) -> Any:
-        if not isinstance(value, str) or (non_empty and not value) or len(value) > max_length:
-            raise ValidationError(f"payload.{name} must be a string of 1..{max_length} characters")
+        if not is_text(value, max_length, non_empty=non_empty):
+            raise ValidationError(f"payload.{name} must be a UTF-8 string of 1..{max_length} characters")
         return value
 
     return check
@@ -214,8 +233,8 @@ def decode_client_frame(frame: str | bytes) -> ClientMessage:
     message: ClientMessage = {"type": kind, "payload": payload}
     ref = data.get("id")
     if ref is not None:
-        if not isinstance(ref, str) or not 0 < len(ref) <= MAX_ID_LENGTH:
-            raise ValidationError(f"id must be a string of 1..{MAX_ID_LENGTH} characters")
+        if not is_text(ref, MAX_ID_LENGTH):
+            raise ValidationError(f"id must be a UTF-8 string of 1..{MAX_ID_LENGTH} characters")
         message["id"] = ref
     return message
 
@@ -229,7 +248,7 @@ def client_ref(frame: str | bytes) -> str | None:
     except (ValueError, OverflowError, RecursionError):
         return None
     ref = data.get("id") if isinstance(data, dict) else None
-    return ref if isinstance(ref, str) and len(ref) <= MAX_ID_LENGTH else None
+    return ref if is_text(ref, MAX_ID_LENGTH, non_empty=False) else None
 
 
 # --- service messages (broadcast API and direct Redis publishes) ------------------------------
@@ -249,8 +268,8 @@ def validate_service_message(data: Any) -> tuple[str, dict[str, Any], str | None
     if missing:
         raise ValidationError(f"{kind} payload is missing {', '.join(missing)}")
     ref = data.get("id")
-    if ref is not None and (not isinstance(ref, str) or not 0 < len(ref) <= MAX_ID_LENGTH):
-        raise ValidationError(f"id must be a string of 1..{MAX_ID_LENGTH} characters")
+    if ref is not None and not is_text(ref, MAX_ID_LENGTH):
+        raise ValidationError(f"id must be a UTF-8 string of 1..{MAX_ID_LENGTH} characters")
     stamp = data.get("timestamp")
     if not isinstance(stamp, int) or isinstance(stamp, bool):
         stamp = None

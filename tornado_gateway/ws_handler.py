@@ -103,7 +103,13 @@ class GatewaySocket(WebSocketHandler):
         if conn is None or conn.closed:
             return
         conn.touch()
-        await handle_frame(self.gateway, conn, message)
+        try:
+            await handle_frame(self.gateway, conn, message)
+        except Exception:
+            # handle_frame answers every expected failure itself; anything here is a bug: log it,
+            # close with 1011, tell the client nothing more.
+            log.exception("unexpected failure handling a frame on %s", conn.connection_id)
+            self.gateway.close_on_internal_error(conn)
 
     def on_close(self) -> None:
         if self.conn is not None:
