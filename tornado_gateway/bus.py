@@ -42,6 +42,9 @@ class Bus(Protocol):
     async def subscribe_user(self, user_id: str) -> None:
         """Returns once messages for the user will reach this instance (or Redis is down: then on reconnect)."""
 
+    async def subscription_ready(self, user_id: str) -> None:
+        """Returns once an already requested subscription for the user is live."""
+
     def unsubscribe_user(self, user_id: str) -> None: ...
 
     async def publish_user(self, user_id: str, data: str) -> None: ...
@@ -79,6 +82,9 @@ class MemoryBus:
 
     async def subscribe_user(self, user_id: str) -> None:
         self._users.add(user_id)
+
+    async def subscription_ready(self, user_id: str) -> None:
+        return None
 
     def unsubscribe_user(self, user_id: str) -> None:
         self._users.discard(user_id)

@@ -93,6 +93,12 @@ class RedisBus:
             return  # the listener sees the failure too and resubscribes everything
         await waiter
 
+    async def subscription_ready(self, user_id: str) -> None:
+        """Wait for a SUBSCRIBE another device of the user triggered and that Redis has not confirmed."""
+        waiters = self._pending.get(self._keys.user_channel(user_id).encode())
+        if waiters:
+            await asyncio.shield(waiters[-1])
+
     def unsubscribe_user(self, user_id: str) -> None:
         channel = self._keys.user_channel(user_id)
         self._wanted.discard(channel)

@@ -142,6 +142,8 @@ class Gateway:
             self._replace(added.replaced)
         if added.first_for_user:
             await self.bus.subscribe_user(identity.user_id)
+        else:
+            await self.bus.subscription_ready(identity.user_id)  # no `connected` before messages can arrive
         await self._register_presence(conn)
         if conn.closed:
             return conn
