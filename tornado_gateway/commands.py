@@ -1,11 +1,15 @@
 """The client message handlers ("commands"). Each gets validated input and does one thing.
 
+A command that needs no I/O returns None and is finished; one that hands something to Redis
+returns the awaitable, so the common frames (heartbeat acks) never cost a coroutine or a task.
+
 They reach the rest of the gateway only through `CommandContext`, so the
 table in `dispatch` and these functions never import the Gateway itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from .auth import TokenVerifier, check_subject, check_user_type
@@ -42,20 +46,21 @@ def inbound_event(ctx: CommandContext, conn: Connection, kind: str, payload: dic
     return dumps(event)
 
 
-async def heartbeat_ack(ctx: CommandContext, conn: Connection, payload: dict[str, Any], ref: str | None) -> None:
+def heartbeat_ack(ctx: CommandContext, conn: Connection, payload: dict[str, Any], ref: str | None) -> None:
     """Liveness only: the frame itself already refreshed `last_seen`."""
 
 
-async def location_update(ctx: CommandContext, conn: Connection, payload: dict[str, Any], ref: str | None) -> None:
-    await ctx.bus.publish_event("location_update", inbound_event(ctx, conn, "location_update", payload, ref))
+def location_update(ctx: CommandContext, conn: Connection, payload: dict[str, Any],
+                    ref: str | None) -> Awaitable[None]:
+    return ctx.bus.publish_event("location_update", inbound_event(ctx, conn, "location_update", payload, ref))
 
 
-async def dispatch_response(ctx: CommandContext, conn: Connection, payload: dict[str, Any],
-                            ref: str | None) -> None:
-    await ctx.bus.append_dispatch_response(inbound_event(ctx, conn, "dispatch_response", payload, ref))
+def dispatch_response(ctx: CommandContext, conn: Connection, payload: dict[str, Any],
+                      ref: str | None) -> Awaitable[None]:
+    return ctx.bus.append_dispatch_response(inbound_event(ctx, conn, "dispatch_response", payload, ref))
 
 
-async def token_refresh(ctx: CommandContext, conn: Connection, payload: dict[str, Any], ref: str | None) -> None:
+def token_refresh(ctx: CommandContext, conn: Connection, payload: dict[str, Any], ref: str | None) -> None:
     """Keeps the connection authorised past its token's exp; the new token must be for the same user."""
     claims = ctx.verifier.claims(payload["token"])
     if check_subject(claims) != conn.identity.user_id:

@@ -39,7 +39,7 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[CommandContext, Connection, dict[str, Any], str | None], Awaitable[None]]
+Handler = Callable[[CommandContext, Connection, dict[str, Any], str | None], Awaitable[None] | None]
 
 MOVING: Final[frozenset[UserType]] = frozenset({"driver", "delivery_partner"})
 EVERYONE: Final[frozenset[UserType]] = frozenset(USER_TYPES)
@@ -89,9 +89,11 @@ def admit(ctx: DispatchContext, conn: Connection) -> bool:
     return False
 
 
-async def handle_frame(ctx: DispatchContext, conn: Connection, frame: str | bytes) -> None:
+def handle_frame(ctx: DispatchContext, conn: Connection, frame: str | bytes) -> Awaitable[None] | None:
+    """Validate and run one frame. Returns an awaitable only when the command waits for Redis; the
+    caller (Tornado) then holds the connection's next frame until it is done, which keeps acks in order."""
     if not admit(ctx, conn):
-        return
+        return None
     ref: str | None = None
     try:
         message = decode_client_frame(frame)
@@ -103,12 +105,25 @@ async def handle_frame(ctx: DispatchContext, conn: Connection, frame: str | byte
             raise GatewayError(ErrorCode.FORBIDDEN, command.forbidden_message)
         payload = validate_payload(command.schema, message["payload"])
         ctx.metrics.incr(m.MESSAGES_IN.format(type=message["type"]))
-        await command.handler(ctx, conn, payload, ref)
+        pending = command.handler(ctx, conn, payload, ref)
     except GatewayError as exc:
         if ref is None and exc.code in (ErrorCode.INVALID_MESSAGE, ErrorCode.INVALID_JSON):
             ref = client_ref(frame)
         reply_error(ctx, conn, exc.code, exc.message, ref)
-        return
+        return None
+    except Exception:
+        log.exception("command failed on %s", conn.connection_id)
+        reply_error(ctx, conn, ErrorCode.INTERNAL, "internal error", ref)
+        return None
+    if pending is not None:
+        return finish_command(ctx, conn, pending, ref)
+    acknowledge(ctx, conn, ref)
+    return None
+
+
+async def finish_command(ctx: DispatchContext, conn: Connection, pending: Awaitable[None], ref: str | None) -> None:
+    try:
+        await pending
     except BusUnavailable:
         reply_error(ctx, conn, ErrorCode.UNAVAILABLE, "Redis is unavailable: not delivered, retry later", ref)
         return
@@ -116,6 +131,10 @@ async def handle_frame(ctx: DispatchContext, conn: Connection, frame: str | byte
         log.exception("command failed on %s", conn.connection_id)
         reply_error(ctx, conn, ErrorCode.INTERNAL, "internal error", ref)
         return
+    acknowledge(ctx, conn, ref)
+
+
+def acknowledge(ctx: DispatchContext, conn: Connection, ref: str | None) -> None:
     if ref is not None:
         conn.send(dumps(envelope("ack", {"id": ref}, ctx.ids.next())))
 

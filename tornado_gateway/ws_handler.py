@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from tornado.iostream import StreamClosedError
@@ -125,18 +125,21 @@ class GatewaySocket(WebSocketHandler):
             self.write_frame(dumps(envelope("error", error_payload(error, exc.message), gateway.ids.next())))
         self.close(int(code), exc.message[:120])
 
-    async def on_message(self, message: str | bytes) -> None:
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        """Synchronous unless the command waits for Redis: Tornado wraps every awaitable it gets in
+        a Task, which a heartbeat_ack does not need."""
         conn = self.conn
         if conn is None or conn.closed:
-            return
+            return None
         conn.touch()
         try:
-            await handle_frame(self.gateway, conn, message)
+            return handle_frame(self.gateway, conn, message)
         except Exception:
             # handle_frame answers every expected failure itself; anything here is a bug: log it,
             # close with 1011, tell the client nothing more.
             log.exception("unexpected failure handling a frame on %s", conn.connection_id)
             self.gateway.close_on_internal_error(conn)
+            return None
 
     def on_close(self) -> None:
         if self.conn is not None:
