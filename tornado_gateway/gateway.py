@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import resource
 import time
@@ -39,6 +40,17 @@ log = logging.getLogger(__name__)
 METRICS_FLUSH_MS = 1000.0
 RESYNC_ATTEMPTS = 8
 FD_RESERVE = 512  # descriptors kept for Redis, logs and sockets between accept() and refusal
+
+
+def freeze_survivors() -> None:
+    """Move every object alive now out of the cyclic collector's reach (gc.freeze).
+
+    A full collection walks every tracked object: at 10,000 connections per process that is
+    500,000+ objects and a 0.5-1.4 s stall of the event loop (measured), which is the whole p99.
+    Connections are freed by reference counting (the one handler <-> connection cycle is broken on
+    close), so frozen objects that die later are still reclaimed; full collections then only see
+    what was allocated since the last housekeeping tick."""
+    gc.freeze()
 
 
 def file_limit() -> int:
@@ -93,6 +105,7 @@ class Gateway:
                         PeriodicCallback(self.metrics.flush, METRICS_FLUSH_MS)]
         for timer in self._timers:
             timer.start()
+        gc.collect()
         await self._housekeeping()
 
     async def drain(self) -> None:
@@ -353,6 +366,7 @@ class Gateway:
                 "uptime": uptime_s(self.started_at)}
 
     async def _housekeeping(self) -> None:
+        freeze_survivors()
         self.connect_limiter.prune(time.monotonic())
         stats = self.stats()
         self.metrics.gauge(m.CONNECTIONS_TOTAL, stats["totalConnections"])

@@ -142,8 +142,9 @@ class GatewaySocket(WebSocketHandler):
             return None
 
     def on_close(self) -> None:
-        if self.conn is not None:
-            self.gateway.disconnect(self.conn, self.close_code, self.close_reason or "")
+        conn, self.conn = self.conn, None  # break the handler <-> connection cycle: refcounting frees both
+        if conn is not None:
+            self.gateway.disconnect(conn, self.close_code, self.close_reason or "")
 
     # --- Transport ----------------------------------------------------------------------------
 
