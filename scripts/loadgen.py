@@ -1,0 +1,1266 @@
+"""Load generator for tornado-gateway (and, for comparison, the python-socketio server in socketio_server.py).
+
+Why it looks like this:
+
+- One Python process cannot hold 100,000 sockets here (20,000 open files per process) and one core
+  cannot drive them, so the sockets are spread over worker processes (<= ~15,000 each), and the
+  workers spread their sockets over source addresses 127.0.0.2, 127.0.0.3, ... because one
+  source/destination address pair only has ~28,000 ephemeral ports.
+- The client must cost much less than the server it measures, on the same 2-core box. Tornado's
+  WebSocket client costs a coroutine, a future and several buffers per socket; the client here is
+  a bare `asyncio.Protocol` (uvloop when installed): an HTTP upgrade request, a minimal frame
+  parser for the unmasked server frames and masked client frames (RFC 6455 5.3).
+- The generator reports its own CPU (workers, publisher, collector) next to the gateway's, so a
+  reader can tell when the generator, not the gateway, is the limit.
+
+Phases of one run: connect (paced), hold (idle, heartbeats answered), then optional fan-out
+steps (Redis PUBLISH or HTTP POST /broadcast) and upstream steps (location_update to the events
+channel), then a final count of who is still connected. Everything is bounded by time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import json
+import math
+import multiprocessing
+import os
+import random
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection as Pipe
+from multiprocessing.sharedctypes import SynchronizedArray
+from typing import Any, Literal, TypedDict, cast
+from urllib.parse import urlsplit
+
+import hiredis
+import jwt
+import psutil
+import ujson
+
+Flavor = Literal["gateway", "socketio"]
+Via = Literal["publish", "http"]
+
+MAX_SOCKETS_PER_WORKER = 15_000
+SOCKETS_PER_SOURCE_ADDRESS = 5_000
+HANDSHAKE_TIMEOUT_S = 20.0
+COUNTER_FLUSH_S = 0.25
+DRAIN_GRACE_S = 3.0
+LINGER_RESET = struct.pack("ii", 1, 0)
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
+
+# Worker counters live in one shared array, one row per worker, so progress costs no messages.
+C_OPEN, C_OPENED, C_FAILED, C_CLOSED, C_HEARTBEATS, C_MESSAGES, C_UPSTREAM, C_PENDING = range(8)
+N_COUNTERS = 8
+
+
+# --------------------------------------------------------------------------------------------
+# configuration and reports
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    flavor: Flavor
+    secret: str
+    prefix: str
+    redis_host: str
+    redis_port: int
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    index: int
+    target: Target
+    first_user: int
+    count: int
+    connect_rate: float
+    concurrency: int
+    source_ips: tuple[str, ...]
+    run_id: str
+    connect_timeout_s: float
+
+
+@dataclass
+class LoadConfig:
+    target: Target
+    connections: int
+    connect_rate: float
+    workers: int
+    hold_s: float
+    fanout_via: list[Via]
+    fanout_rates: list[int]
+    step_s: float
+    upstream_rates: list[int]
+    server_pid: int | None
+    run_id: str
+    connect_timeout_s: float
+    concurrency: int
+    source_ips: tuple[str, ...]
+    json_out: str | None = None
+    quiet: bool = False
+
+
+class ConnectReport(TypedDict):
+    target: int
+    connected: int
+    failed: int
+    seconds: float
+    rate_per_s: float
+    gateway_cpu_s: float
+    gateway_ms_per_conn: float
+    loadgen_cpu_s: float
+
+
+class HoldReport(TypedDict):
+    seconds: float
+    connected_start: int
+    connected_end: int
+    heartbeats: int
+    heartbeats_per_s: float
+    gateway_cpu_pct: float
+    loadgen_cpu_pct: float
+    rss_baseline_mb: float
+    rss_mb: float
+    rss_per_conn_kb: float
+
+
+class StepReport(TypedDict):
+    kind: str  # "publish", "http" or "upstream"
+    target_rate: int
+    seconds: float
+    sent: int
+    accepted: int
+    no_receiver: int
+    delivered: int
+    lost: int
+    delivered_per_s: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    gateway_cpu_s: float
+    gateway_us_per_msg: float
+    gateway_cpu_pct: float
+    loadgen_cpu_pct: float
+    driver_cpu_pct: float
+
+
+class RunReport(TypedDict):
+    flavor: str
+    connections: int
+    workers: int
+    gateway_processes: int
+    connect: ConnectReport
+    hold: HoldReport
+    steps: list[StepReport]
+    final_connected: int
+    close_codes: dict[str, int]
+    gateway_rss_end_mb: float
+
+
+# --------------------------------------------------------------------------------------------
+# WebSocket client (one per socket; kept small on purpose)
+# --------------------------------------------------------------------------------------------
+
+def mask_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A final client frame, masked with a random key (servers must reject unmasked client frames)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    key = random.getrandbits(32).to_bytes(4, "big")
+    if n == 0:
+        return header + key
+    stream = (key * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+    return header + key + masked
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Stats:
+    """Per-worker tallies; latencies are kept per phase tag so each step is reported separately."""
+
+    def __init__(self) -> None:
+        self.counters = [0] * N_COUNTERS
+        self.close_codes: dict[str, int] = {}
+        self.latencies: dict[str, list[int]] = {}
+
+    def record_error(self, name: str) -> None:
+        self.close_codes[f"connect:{name}"] = self.close_codes.get(f"connect:{name}", 0) + 1
+
+    def record_close(self, code: int | None) -> None:
+        key = str(code) if code is not None else "none"
+        self.close_codes[key] = self.close_codes.get(key, 0) + 1
+
+    def record_message(self, payload: dict[str, Any]) -> None:
+        self.counters[C_MESSAGES] += 1
+        tag = payload.get("phase")
+        sent = payload.get("sentAt")
+        if isinstance(tag, str) and isinstance(sent, int):
+            self.latencies.setdefault(tag, []).append(now_us() - sent)
+
+
+class WsClient(asyncio.Protocol):
+    """One WebSocket: HTTP upgrade, then frames. Answers heartbeats (gateway) or pings (Engine.IO)."""
+
+    __slots__ = ("index", "flavor", "stats", "request", "transport", "buf", "state", "ready", "close_code")
+
+    def __init__(self, index: int, flavor: Flavor, stats: Stats, request: bytes,
+                 ready: asyncio.Future[bool]) -> None:
+        self.index = index
+        self.flavor = flavor
+        self.stats = stats
+        self.request = request
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.state = 0  # 0 handshake, 1 upgraded (waiting for the welcome), 2 open, 3 closed
+        self.ready = ready
+        self.close_code: int | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        if self.state == 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            if not buf.startswith(b"HTTP/1.1 101"):
+                self._fail()
+                return
+            buf = buf[end + 4:]
+            self.state = 1
+        self.buf = self._frames(buf)
+
+    def _frames(self, buf: bytes) -> bytes:
+        """Parse complete server frames from `buf`; returns the incomplete rest."""
+        while len(buf) >= 2:
+            opcode = buf[0] & 0x0F
+            length = buf[1] & 0x7F
+            offset = 2
+            if length == 126:
+                if len(buf) < 4:
+                    break
+                length = int.from_bytes(buf[2:4], "big")
+                offset = 4
+            elif length == 127:
+                if len(buf) < 10:
+                    break
+                length = int.from_bytes(buf[2:10], "big")
+                offset = 10
+            end = offset + length
+            if len(buf) < end:
+                break
+            self._frame(opcode, buf[offset:end])
+            buf = buf[end:]
+            if self.state == 3:
+                return b""
+        return buf
+
+    def _frame(self, opcode: int, payload: bytes) -> None:
+        if opcode == 0x1:
+            if self.flavor == "gateway":
+                self._gateway_text(payload)
+            else:
+                self._socketio_text(payload)
+        elif opcode == 0x8:
+            self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+            self._closed_by_server()
+        elif opcode == 0x9:
+            self.send(payload, 0xA)
+
+    def _gateway_text(self, payload: bytes) -> None:
+        message = ujson.loads(payload)
+        kind = message.get("type")
+        if kind == "heartbeat":
+            self.stats.counters[C_HEARTBEATS] += 1
+            stamp = message.get("payload", {}).get("timestamp", 0)
+            self.send(b'{"type":"heartbeat_ack","payload":{"timestamp":%d}}' % stamp)
+        elif kind == "driver_location":
+            self.stats.record_message(message["payload"])
+        elif kind == "connected":
+            self._opened()
+
+    def _socketio_text(self, payload: bytes) -> None:
+        if payload == b"2":
+            self.stats.counters[C_HEARTBEATS] += 1
+            self.send(b"3")
+        elif payload.startswith(b"42"):
+            event = ujson.loads(payload[2:])
+            if event and event[0] == "driver_location":
+                self.stats.record_message(event[1])
+        elif payload.startswith(b"0{"):
+            self.send(b"40")  # Engine.IO open -> Socket.IO connect to the default namespace
+        elif payload.startswith(b"40"):
+            self._opened()
+        elif payload.startswith(b"44"):
+            self._fail()
+
+    def _opened(self) -> None:
+        if self.state == 1:
+            self.state = 2
+            self.stats.counters[C_OPEN] += 1
+            self.stats.counters[C_OPENED] += 1
+            if not self.ready.done():
+                self.ready.set_result(True)
+
+    def _fail(self) -> None:
+        if not self.ready.done():
+            self.ready.set_result(False)
+        self.state = 3
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _closed_by_server(self) -> None:
+        if self.state == 2:
+            self.stats.counters[C_OPEN] -= 1
+            self.stats.counters[C_CLOSED] += 1
+            self.stats.record_close(self.close_code)
+        elif not self.ready.done():
+            self.ready.set_result(False)
+        self.state = 3
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state != 3:
+            self._closed_by_server()
+
+    def send(self, payload: bytes, opcode: int = 0x1) -> None:
+        if self.transport is not None and self.state < 3:
+            self.transport.write(mask_frame(payload, opcode))
+
+    def shutdown(self) -> None:
+        """Our own close at the end of a run: not counted as a server close, and a RST (no TIME_WAIT)."""
+        if self.state == 2:
+            self.stats.counters[C_OPEN] -= 1
+        self.state = 3
+        if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            self.transport.abort()
+
+
+def user_id(run_id: str, index: int) -> str:
+    return f"{run_id}-{index}"
+
+
+def upgrade_request(target: Target, uid: str, device: str) -> bytes:
+    token = jwt.encode({"sub": uid, "userType": "driver", "exp": int(time.time()) + 24 * 3600},
+                       target.secret, algorithm="HS256")
+    query = f"token={token}&userType=driver&deviceId={device}&platform=ios"
+    path = f"/ws?{query}" if target.flavor == "gateway" else f"/socket.io/?EIO=4&transport=websocket&{query}"
+    return (f"GET {path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
+def install_uvloop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+# --------------------------------------------------------------------------------------------
+# worker process
+# --------------------------------------------------------------------------------------------
+
+async def poll_pipe(pipe: Pipe, commands: asyncio.Queue[tuple[Any, ...]]) -> None:
+    """Move commands from the coordinator's pipe into a queue; a closed pipe means stop."""
+    while True:
+        try:
+            while pipe.poll():
+                commands.put_nowait(pipe.recv())
+        except (EOFError, OSError):
+            commands.put_nowait(("stop",))
+            return
+        await asyncio.sleep(0.02)
+
+
+class Worker:
+    """Owns up to ~15,000 sockets; obeys commands from the coordinator over a pipe."""
+
+    def __init__(self, spec: WorkerSpec, pipe: Pipe, counters: SynchronizedArray[int]) -> None:
+        self.spec = spec
+        self.pipe = pipe
+        self.shared = counters
+        self.stats = Stats()
+        self.clients: list[WsClient] = []
+        self.commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+    async def run(self) -> None:
+        # Polled, not add_reader(): the event loop would make the pipe non-blocking, and sending a large
+        # reply (latency lists, the connected users) then fails with EAGAIN when the pipe is full.
+        reader = asyncio.ensure_future(poll_pipe(self.pipe, self.commands))
+        flusher = asyncio.ensure_future(self._flush_counters())
+        try:
+            while True:
+                command = await self.commands.get()
+                if command[0] == "stop":
+                    break
+                await self._execute(command)
+        finally:
+            for client in self.clients:
+                client.shutdown()
+            self._publish_counters()
+            flusher.cancel()
+            reader.cancel()
+            self.pipe.send(("stopped", self.stats.close_codes))
+
+    async def _execute(self, command: tuple[Any, ...]) -> None:
+        name = command[0]
+        if name == "connect":
+            await self.connect_all()
+            self.pipe.send(("connected", [c.index for c in self.clients if c.state == 2]))
+        elif name == "upstream":
+            sent = await self.upstream(float(command[1]), float(command[2]), str(command[3]))
+            self.pipe.send(("upstream_done", sent))
+        elif name == "latencies":
+            tag = str(command[1])
+            self.pipe.send(("latencies", self.stats.latencies.pop(tag, [])))
+        elif name == "open_count":
+            self.pipe.send(("open_count", sum(1 for c in self.clients if c.state == 2)))
+
+    async def _flush_counters(self) -> None:
+        while True:
+            self._publish_counters()
+            await asyncio.sleep(COUNTER_FLUSH_S)
+
+    def _publish_counters(self) -> None:
+        base = self.spec.index * N_COUNTERS
+        for i, value in enumerate(self.stats.counters):
+            self.shared[base + i] = value
+
+    async def connect_all(self) -> None:
+        """Open the worker's sockets at its share of the connect rate, with bounded handshakes in flight."""
+        spec = self.spec
+        limit = asyncio.Semaphore(spec.concurrency)
+        tasks: list[asyncio.Task[None]] = []
+        requests = [upgrade_request(spec.target, user_id(spec.run_id, spec.first_user + i), f"d{spec.first_user + i}")
+                    for i in range(spec.count)]
+        started = time.monotonic()
+        deadline = started + spec.count / spec.connect_rate + spec.connect_timeout_s
+        for i, request in enumerate(requests):
+            due = started + i / spec.connect_rate
+            delay = due - time.monotonic()
+            if delay > 0.002:
+                await asyncio.sleep(delay)
+            if time.monotonic() > deadline:
+                self.stats.counters[C_FAILED] += spec.count - i
+                break
+            await limit.acquire()
+            tasks.append(asyncio.ensure_future(self._connect_one(spec.first_user + i, request, limit)))
+        if tasks:
+            await asyncio.wait(tasks, timeout=max(1.0, deadline - time.monotonic() + HANDSHAKE_TIMEOUT_S))
+
+    async def _connect_one(self, index: int, request: bytes, limit: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[bool] = loop.create_future()
+        source = self.spec.source_ips[(index // SOCKETS_PER_SOURCE_ADDRESS) % len(self.spec.source_ips)]
+        client = WsClient(index, self.spec.target.flavor, self.stats, request, ready)
+        self.stats.counters[C_PENDING] += 1
+        ok = False
+        sock = bound_socket(source)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (self.spec.target.host, self.spec.target.port)),
+                                   HANDSHAKE_TIMEOUT_S)
+            await loop.create_connection(lambda: client, sock=sock)
+            ok = await asyncio.wait_for(ready, HANDSHAKE_TIMEOUT_S)
+        except TimeoutError:
+            sock.close()
+            self.stats.record_error("timeout")
+        except OSError as exc:
+            sock.close()
+            self.stats.record_error(errno.errorcode.get(exc.errno or 0, str(exc)))
+        finally:
+            self.stats.counters[C_PENDING] -= 1
+            limit.release()
+        if ok:
+            self.clients.append(client)
+        else:
+            self.stats.counters[C_FAILED] += 1
+            client.shutdown()
+
+    async def upstream(self, rate: float, seconds: float, tag: str) -> int:
+        """Send location_update frames round-robin over the open sockets at `rate` per second."""
+        open_clients = [c for c in self.clients if c.state == 2]
+        if not open_clients or rate <= 0:
+            await asyncio.sleep(seconds)
+            return 0
+        socketio = self.spec.target.flavor == "socketio"
+        sent = 0
+        cursor = 0
+        started = time.monotonic()
+        end = started + seconds
+        while (now := time.monotonic()) < end:
+            due = int((now - started) * rate) - sent
+            for _ in range(due):
+                client = open_clients[cursor % len(open_clients)]
+                cursor += 1
+                body = (b'{"latitude":12.97,"longitude":77.59,"timestamp":%d,"tripId":"%s-%d-%d"}'
+                        % (now_us(), tag.encode(), self.spec.index, sent))
+                client.send(b'42["location_update",' + body + b"]" if socketio
+                            else b'{"type":"location_update","payload":' + body + b"}")
+                sent += 1
+            self.stats.counters[C_UPSTREAM] = sent
+            await asyncio.sleep(0.005)
+        return sent
+
+
+def bound_socket(source: str) -> socket.socket:
+    """A non-blocking socket bound to `source` without choosing its port yet.
+
+    bind(addr, 0) picks a port unique for the address alone and gets slower as ports fill up (the
+    connect rate collapsed after ~4,000 sockets); IP_BIND_ADDRESS_NO_PORT lets connect() pick the
+    port per 4-tuple instead, which is cheap.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    return sock
+
+
+def worker_main(spec: WorkerSpec, pipe: Pipe, counters: SynchronizedArray[int]) -> None:
+    install_uvloop()
+    raise_file_limit()
+    asyncio.run(Worker(spec, pipe, counters).run())
+
+
+def raise_file_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# --------------------------------------------------------------------------------------------
+# publisher process: Redis PUBLISH (raw RESP, pipelined) or HTTP POST /broadcast (keep-alive)
+# --------------------------------------------------------------------------------------------
+
+class RespCounter(asyncio.Protocol):
+    """Counts integer replies to PUBLISH; `:0` means nobody was subscribed (a message nobody can get)."""
+
+    def __init__(self) -> None:
+        self.replies = 0
+        self.zero = 0
+        self.transport: asyncio.Transport | None = None
+        self.tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        data = self.tail + data
+        cut = data.rfind(b"\r\n") + 2
+        complete, self.tail = data[:cut], data[cut:]
+        self.replies += complete.count(b"\r\n")
+        self.zero += complete.count(b":0\r\n")
+
+
+def resp_command(*parts: bytes) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(out)
+
+
+class HttpConn(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection with one request in flight at a time."""
+
+    def __init__(self, on_idle: Callable[[HttpConn], None]) -> None:
+        self.on_idle = on_idle
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.ok = 0
+        self.errors = 0
+        self.no_receiver = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buf[:end].lower()
+        start = head.find(b"content-length:")
+        length = int(head[start + 15:].split(b"\r\n", 1)[0]) if start >= 0 else 0
+        if len(self.buf) < end + 4 + length:
+            return
+        body = self.buf[end + 4:end + 4 + length]
+        self.buf = self.buf[end + 4 + length:]
+        if head.startswith(b"http/1.1 2"):
+            self.ok += 1
+            if b'"devices":0' in body.replace(b" ", b""):
+                self.no_receiver += 1
+        else:
+            self.errors += 1
+        self.on_idle(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+
+@dataclass
+class PublishResult:
+    sent: int = 0
+    accepted: int = 0
+    no_receiver: int = 0
+    errors: int = 0
+
+
+class Publisher:
+    """Sends service messages to random connected users at a paced rate, carrying send time and phase."""
+
+    def __init__(self, target: Target, users: list[str]) -> None:
+        self.target = target
+        self.users = users
+
+    def body(self, tag: str, seq: int) -> bytes:
+        return (b'{"driverId":"d","latitude":1.5,"longitude":2.5,"sentAt":%d,"seq":%d,"phase":"%s"}'
+                % (now_us(), seq, tag.encode()))
+
+    def redis_message(self, uid: str, payload: bytes) -> tuple[bytes, bytes]:
+        """(channel, message) a service would publish for this flavor."""
+        prefix = self.target.prefix
+        if self.target.flavor == "gateway":
+            return f"{prefix}:user:{uid}".encode(), b'{"type":"driver_location","payload":' + payload + b"}"
+        # python-socketio's AsyncRedisManager format (JSON on one channel; every server process reads all)
+        message = (b'{"method":"emit","event":"driver_location","data":[' + payload + b'],"binary":false,'
+                   b'"namespace":"/","room":"' + uid.encode() + b'","skip_sid":null,"callback":null,'
+                   b'"host_id":"loadgen"}')
+        return f"{prefix}:socketio".encode(), message
+
+    async def publish(self, rate: float, seconds: float, tag: str) -> PublishResult:
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_connection(RespCounter, self.target.redis_host, self.target.redis_port)
+        assert proto.transport is not None
+        result = PublishResult()
+        started = time.monotonic()
+        end = started + seconds
+        while (now := time.monotonic()) < end:
+            due = int((now - started) * rate) - result.sent
+            if due > 0:
+                batch = []
+                for _ in range(due):
+                    channel, message = self.redis_message(random.choice(self.users), self.body(tag, result.sent))
+                    batch.append(resp_command(b"PUBLISH", channel, message))
+                    result.sent += 1
+                proto.transport.write(b"".join(batch))
+            await asyncio.sleep(0.002)
+        for _ in range(500):  # replies for up to 5 s
+            if proto.replies >= result.sent:
+                break
+            await asyncio.sleep(0.01)
+        result.accepted = proto.replies
+        result.no_receiver = proto.zero
+        proto.transport.close()
+        return result
+
+    async def broadcast(self, rate: float, seconds: float, tag: str, connections: int = 64) -> PublishResult:
+        """POST /broadcast/user/{id} over keep-alive connections; a request is sent when one is idle."""
+        loop = asyncio.get_running_loop()
+        idle: list[HttpConn] = []
+        conns: list[HttpConn] = []
+        for _ in range(connections):
+            _, conn = await loop.create_connection(lambda: HttpConn(idle.append), self.target.host, self.target.port)
+            conns.append(conn)
+            idle.append(conn)
+        result = PublishResult()
+        started = time.monotonic()
+        end = started + seconds
+        host = f"{self.target.host}:{self.target.port}".encode()
+        while (now := time.monotonic()) < end:
+            due = int((now - started) * rate) - result.sent
+            while due > 0 and idle:
+                conn = idle.pop()
+                uid = random.choice(self.users).encode()
+                body = b'{"type":"driver_location","payload":' + self.body(tag, result.sent) + b"}"
+                if conn.transport is None:
+                    continue
+                conn.transport.write(b"POST /broadcast/user/%s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json"
+                                     b"\r\nContent-Length: %d\r\n\r\n%s" % (uid, host, len(body), body))
+                result.sent += 1
+                due -= 1
+            await asyncio.sleep(0.001)
+        for _ in range(500):  # outstanding responses for up to 5 s
+            if len(idle) >= len(conns):
+                break
+            await asyncio.sleep(0.01)
+        result.accepted = sum(c.ok for c in conns)
+        result.errors = sum(c.errors for c in conns)
+        result.no_receiver = sum(c.no_receiver for c in conns)
+        for conn in conns:
+            if conn.transport is not None:
+                conn.transport.close()
+        return result
+
+
+def publisher_main(target: Target, pipe: Pipe) -> None:
+    """Separate process so its CPU is measured on its own and it does not steal the workers' loop."""
+    install_uvloop()
+    users: list[str] = pipe.recv()
+    publisher = Publisher(target, users)
+    while True:
+        command = pipe.recv()
+        if command[0] == "stop":
+            return
+        via, rate, seconds, tag = command[1:]
+        run = publisher.publish if via == "publish" else publisher.broadcast
+        result = asyncio.run(run(float(rate), float(seconds), str(tag)))
+        pipe.send(result)
+
+
+# --------------------------------------------------------------------------------------------
+# collector process: what reaches <prefix>:events:location_update
+# --------------------------------------------------------------------------------------------
+
+class EventCollector(asyncio.Protocol):
+    """Subscribed to the events channel; keeps latencies by the phase tag carried in tripId."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.latencies: dict[str, list[int]] = {}
+        self.subscribed = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            if not isinstance(reply, list) or len(reply) != 3:
+                continue
+            if reply[0] == b"subscribe":
+                if not self.subscribed.done():
+                    self.subscribed.set_result(True)
+                continue
+            self._event(cast(bytes, reply[2]))
+
+    def _event(self, data: bytes) -> None:
+        now = now_us()
+        try:
+            payload = ujson.loads(data)["payload"]
+            tag = payload["tripId"].rsplit("-", 2)[0]
+            self.latencies.setdefault(tag, []).append(now - int(payload["timestamp"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return
+
+
+async def collect(target: Target, pipe: Pipe) -> None:
+    loop = asyncio.get_running_loop()
+    collector = EventCollector()
+    transport, _ = await loop.create_connection(lambda: collector, target.redis_host, target.redis_port)
+    channel = f"{target.prefix}:events:location_update".encode()
+    transport.write(resp_command(b"SUBSCRIBE", channel))
+    await asyncio.wait_for(collector.subscribed, 5.0)
+    pipe.send(("subscribed",))
+    queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+    reader = asyncio.ensure_future(poll_pipe(pipe, queue))
+    while True:
+        command = await queue.get()
+        if command[0] == "stop":
+            break
+        pipe.send(collector.latencies.pop(str(command[1]), []))
+    reader.cancel()
+    transport.close()
+
+
+def collector_main(target: Target, pipe: Pipe) -> None:
+    install_uvloop()
+    asyncio.run(collect(target, pipe))
+
+
+# --------------------------------------------------------------------------------------------
+# measurement helpers (coordinator side)
+# --------------------------------------------------------------------------------------------
+
+class ProcessGroup:
+    """CPU seconds and RSS of a set of processes (a server's parent and children, or our own helpers)."""
+
+    def __init__(self, pids: Sequence[int], include_children: bool) -> None:
+        self.pids = list(pids)
+        self.include_children = include_children
+
+    def processes(self) -> list[psutil.Process]:
+        found: list[psutil.Process] = []
+        for pid in self.pids:
+            try:
+                proc = psutil.Process(pid)
+                found.append(proc)
+                if self.include_children:
+                    found.extend(proc.children(recursive=True))
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for proc in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for proc in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += int(proc.memory_info().rss)
+        return total
+
+    def count(self) -> int:
+        return len(self.processes())
+
+
+class CpuWindow:
+    """CPU used by a process group between construction and `stop()`."""
+
+    def __init__(self, group: ProcessGroup) -> None:
+        self.group = group
+        self.cpu0 = group.cpu_s()
+        self.t0 = time.monotonic()
+
+    def stop(self) -> tuple[float, float]:
+        """(cpu seconds, wall seconds)."""
+        return self.group.cpu_s() - self.cpu0, time.monotonic() - self.t0
+
+
+def percentile(sorted_values: list[int], fraction: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, math.ceil(fraction * len(sorted_values)) - 1))
+    return float(sorted_values[index])
+
+
+def latency_summary(values: list[int]) -> tuple[float, float, float]:
+    """(p50, p99, max) in milliseconds from microsecond samples."""
+    values.sort()
+    if not values:
+        return 0.0, 0.0, 0.0
+    return percentile(values, 0.50) / 1000, percentile(values, 0.99) / 1000, values[-1] / 1000
+
+
+# --------------------------------------------------------------------------------------------
+# coordinator
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Helpers:
+    worker_pipes: list[Pipe] = field(default_factory=list)
+    worker_procs: list[multiprocessing.process.BaseProcess] = field(default_factory=list)
+    publisher_pipe: Pipe | None = None
+    publisher_proc: multiprocessing.process.BaseProcess | None = None
+    collector_pipe: Pipe | None = None
+    collector_proc: multiprocessing.process.BaseProcess | None = None
+
+
+class Coordinator:
+    def __init__(self, config: LoadConfig) -> None:
+        self.config = config
+        self.ctx = multiprocessing.get_context("fork")
+        self.counters: SynchronizedArray[int] = self.ctx.Array("q", config.workers * N_COUNTERS, lock=False)
+        self.helpers = Helpers()
+        self.server = ProcessGroup([config.server_pid] if config.server_pid else [], include_children=True)
+        self.steps: list[StepReport] = []
+        self.close_codes: dict[str, int] = {}
+        self.connected_users: list[str] = []
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def log(self, text: str) -> None:
+        if not self.config.quiet:
+            print(text, flush=True)
+
+    def counter(self, which: int) -> int:
+        return sum(self.counters[w * N_COUNTERS + which] for w in range(self.config.workers))
+
+    def loadgen_group(self) -> ProcessGroup:
+        return ProcessGroup([p.pid for p in self.helpers.worker_procs if p.pid is not None], include_children=False)
+
+    def driver_group(self) -> ProcessGroup:
+        procs = [self.helpers.publisher_proc, self.helpers.collector_proc]
+        return ProcessGroup([p.pid for p in procs if p is not None and p.pid is not None], include_children=False)
+
+    def start_workers(self) -> None:
+        config = self.config
+        per = math.ceil(config.connections / config.workers)
+        for w in range(config.workers):
+            first = w * per
+            count = max(0, min(per, config.connections - first))
+            spec = WorkerSpec(w, config.target, first, count, max(1.0, config.connect_rate / config.workers),
+                              max(1, config.concurrency // config.workers), config.source_ips, config.run_id,
+                              config.connect_timeout_s)
+            parent, child = self.ctx.Pipe()
+            proc = self.ctx.Process(target=worker_main, args=(spec, child, self.counters), daemon=True)
+            proc.start()
+            self.helpers.worker_pipes.append(parent)
+            self.helpers.worker_procs.append(proc)
+
+    def start_publisher(self) -> None:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=publisher_main, args=(self.config.target, child), daemon=True)
+        proc.start()
+        parent.send(self.connected_users)
+        self.helpers.publisher_pipe, self.helpers.publisher_proc = parent, proc
+
+    def start_collector(self) -> None:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=collector_main, args=(self.config.target, child), daemon=True)
+        proc.start()
+        if not parent.poll(10):
+            raise RuntimeError("event collector did not subscribe")
+        parent.recv()
+        self.helpers.collector_pipe, self.helpers.collector_proc = parent, proc
+
+    def ask_workers(self, command: tuple[Any, ...], timeout: float) -> list[Any]:
+        for pipe in self.helpers.worker_pipes:
+            pipe.send(command)
+        replies: list[Any] = []
+        deadline = time.monotonic() + timeout
+        for pipe in self.helpers.worker_pipes:
+            if not pipe.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"worker did not answer {command[0]} within {timeout:.0f} s")
+            replies.append(pipe.recv()[1])
+        return replies
+
+    # --- phases --------------------------------------------------------------------------------
+
+    def connect_phase(self) -> ConnectReport:
+        config = self.config
+        gateway = CpuWindow(self.server)
+        loadgen = CpuWindow(self.loadgen_group())
+        for pipe in self.helpers.worker_pipes:
+            pipe.send(("connect",))
+        started = time.monotonic()
+        limit = config.connections / config.connect_rate + config.connect_timeout_s + HANDSHAKE_TIMEOUT_S + 10
+        replies: list[list[int]] = []
+        pending = list(self.helpers.worker_pipes)
+        last_open = 0
+        next_line = started + 1.0
+        while pending and time.monotonic() - started < limit:
+            for pipe in list(pending):
+                if pipe.poll(0):
+                    replies.append(pipe.recv()[1])
+                    pending.remove(pipe)
+            time.sleep(0.05)
+            if time.monotonic() < next_line:
+                continue
+            next_line += 1.0
+            now_open = self.counter(C_OPEN)
+            self.log(f"[connect] {time.monotonic() - started:6.1f}s open={now_open}/{config.connections} "
+                     f"failed={self.counter(C_FAILED)} in_flight={self.counter(C_PENDING)} "
+                     f"rate={now_open - last_open}/s")
+            last_open = now_open
+        if pending:
+            raise RuntimeError("connect phase did not finish in time")
+        seconds = time.monotonic() - started
+        gw_cpu, _ = gateway.stop()
+        lg_cpu, _ = loadgen.stop()
+        indexes = sorted(i for reply in replies for i in reply)
+        self.connected_users = [user_id(config.run_id, i) for i in indexes]
+        connected = len(indexes)
+        return {"target": config.connections, "connected": connected, "failed": config.connections - connected,
+                "seconds": round(seconds, 2), "rate_per_s": round(connected / seconds, 1) if seconds else 0.0,
+                "gateway_cpu_s": round(gw_cpu, 3),
+                "gateway_ms_per_conn": round(1000 * gw_cpu / connected, 4) if connected else 0.0,
+                "loadgen_cpu_s": round(lg_cpu, 3)}
+
+    def hold_phase(self, rss_baseline: int) -> HoldReport:
+        config = self.config
+        time.sleep(min(2.0, config.hold_s))  # let the connect burst's garbage and buffers settle
+        start_open = self.counter(C_OPEN)
+        heartbeats0 = self.counter(C_HEARTBEATS)
+        gateway = CpuWindow(self.server)
+        loadgen = CpuWindow(self.loadgen_group())
+        end = time.monotonic() + max(0.0, config.hold_s - 2.0)
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 10.0))
+            self.log(f"[hold] open={self.counter(C_OPEN)} heartbeats={self.counter(C_HEARTBEATS) - heartbeats0} "
+                     f"closed_by_server={self.counter(C_CLOSED)} gateway_rss={self.server.rss_bytes() / 2**20:.0f} MB")
+        gw_cpu, wall = gateway.stop()
+        lg_cpu, _ = loadgen.stop()
+        rss = self.server.rss_bytes()
+        connected = self.counter(C_OPEN)
+        heartbeats = self.counter(C_HEARTBEATS) - heartbeats0
+        return {"seconds": round(wall, 1), "connected_start": start_open, "connected_end": connected,
+                "heartbeats": heartbeats, "heartbeats_per_s": round(heartbeats / wall, 1) if wall else 0.0,
+                "gateway_cpu_pct": round(100 * gw_cpu / wall, 2) if wall else 0.0,
+                "loadgen_cpu_pct": round(100 * lg_cpu / wall, 2) if wall else 0.0,
+                "rss_baseline_mb": round(rss_baseline / 2**20, 1), "rss_mb": round(rss / 2**20, 1),
+                "rss_per_conn_kb": round((rss - rss_baseline) / 1024 / connected, 2) if connected else 0.0}
+
+    def fanout_step(self, via: Via, rate: int) -> StepReport:
+        config = self.config
+        tag = f"{via}{rate}r{random.randrange(1 << 30)}"
+        assert self.helpers.publisher_pipe is not None
+        gateway = CpuWindow(self.server)
+        loadgen = CpuWindow(self.loadgen_group())
+        driver = CpuWindow(self.driver_group())
+        self.helpers.publisher_pipe.send(("run", via, rate, config.step_s, tag))
+        if not self.helpers.publisher_pipe.poll(config.step_s + 30):
+            raise RuntimeError("publisher did not finish its step")
+        result: PublishResult = self.helpers.publisher_pipe.recv()
+        time.sleep(DRAIN_GRACE_S)
+        gw_cpu, wall = gateway.stop()
+        lg_cpu, _ = loadgen.stop()
+        dr_cpu, _ = driver.stop()
+        latencies = [v for reply in self.ask_workers(("latencies", tag), 30) for v in reply]
+        return self.step_report(via, rate, result.sent, result.accepted, result.no_receiver, latencies,
+                                (gw_cpu, lg_cpu, dr_cpu, wall))
+
+    def upstream_step(self, rate: int) -> StepReport:
+        config = self.config
+        tag = f"up{rate}r{random.randrange(1 << 30)}"
+        assert self.helpers.collector_pipe is not None
+        gateway = CpuWindow(self.server)
+        loadgen = CpuWindow(self.loadgen_group())
+        driver = CpuWindow(self.driver_group())
+        sent = sum(self.ask_workers(("upstream", rate / config.workers, config.step_s, tag), config.step_s + 30))
+        time.sleep(DRAIN_GRACE_S)
+        gw_cpu, wall = gateway.stop()
+        lg_cpu, _ = loadgen.stop()
+        dr_cpu, _ = driver.stop()
+        self.helpers.collector_pipe.send(("latencies", tag))
+        latencies: list[int] = self.helpers.collector_pipe.recv()
+        return self.step_report("upstream", rate, sent, sent, 0, latencies, (gw_cpu, lg_cpu, dr_cpu, wall))
+
+    def step_report(self, kind: str, rate: int, sent: int, accepted: int, no_receiver: int, latencies: list[int],
+                    cpu: tuple[float, float, float, float]) -> StepReport:
+        gw_cpu, lg_cpu, dr_cpu, wall = cpu
+        p50, p99, worst = latency_summary(latencies)
+        delivered = len(latencies)
+        seconds = self.config.step_s
+        report: StepReport = {
+            "kind": kind, "target_rate": rate, "seconds": seconds, "sent": sent, "accepted": accepted,
+            "no_receiver": no_receiver, "delivered": delivered, "lost": max(0, sent - delivered),
+            "delivered_per_s": round(delivered / seconds, 1), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
+            "max_ms": round(worst, 2), "gateway_cpu_s": round(gw_cpu, 3),
+            "gateway_us_per_msg": round(1e6 * gw_cpu / delivered, 1) if delivered else 0.0,
+            "gateway_cpu_pct": round(100 * gw_cpu / wall, 1), "loadgen_cpu_pct": round(100 * lg_cpu / wall, 1),
+            "driver_cpu_pct": round(100 * dr_cpu / wall, 1)}
+        self.log(format_step(report))
+        return report
+
+    # --- the run -------------------------------------------------------------------------------
+
+    def run(self) -> RunReport:
+        config = self.config
+        rss_baseline = self.server.rss_bytes()
+        self.start_workers()
+        try:
+            connect = self.connect_phase()
+            self.log(format_connect(connect))
+            hold = self.hold_phase(rss_baseline)
+            self.log(format_hold(hold))
+            if config.fanout_rates and config.fanout_via:
+                self.start_publisher()
+                for via in config.fanout_via:
+                    for rate in config.fanout_rates:
+                        self.steps.append(self.fanout_step(via, rate))
+            if config.upstream_rates:
+                self.start_collector()
+                for rate in config.upstream_rates:
+                    self.steps.append(self.upstream_step(rate))
+            final_connected = sum(self.ask_workers(("open_count",), 30))
+            rss_end = self.server.rss_bytes()
+        finally:
+            self.stop_helpers()
+        return {"flavor": config.target.flavor, "connections": config.connections, "workers": config.workers,
+                "gateway_processes": self.server.count(), "connect": connect, "hold": hold, "steps": self.steps,
+                "final_connected": final_connected, "close_codes": self.close_codes,
+                "gateway_rss_end_mb": round(rss_end / 2**20, 1)}
+
+    def stop_helpers(self) -> None:
+        for pipe in self.helpers.worker_pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("stop",))
+        for pipe in self.helpers.worker_pipes:
+            with contextlib.suppress(OSError, EOFError):
+                if pipe.poll(30):
+                    for code, count in pipe.recv()[1].items():
+                        self.close_codes[code] = self.close_codes.get(code, 0) + count
+        for other in (self.helpers.publisher_pipe, self.helpers.collector_pipe):
+            if other is not None:
+                with contextlib.suppress(OSError):
+                    other.send(("stop",))
+        procs = [*self.helpers.worker_procs, self.helpers.publisher_proc, self.helpers.collector_proc]
+        for proc in procs:
+            if proc is not None:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(5)
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+
+def format_connect(c: ConnectReport) -> str:
+    return (f"[connect] {c['connected']}/{c['target']} in {c['seconds']} s ({c['rate_per_s']}/s), "
+            f"failed {c['failed']}; gateway CPU {c['gateway_cpu_s']} s = {c['gateway_ms_per_conn']} ms/conn; "
+            f"loadgen CPU {c['loadgen_cpu_s']} s")
+
+
+def format_hold(h: HoldReport) -> str:
+    return (f"[hold] {h['seconds']} s: open {h['connected_start']} -> {h['connected_end']}, "
+            f"heartbeats {h['heartbeats']} ({h['heartbeats_per_s']}/s); gateway CPU {h['gateway_cpu_pct']}%, "
+            f"loadgen CPU {h['loadgen_cpu_pct']}%; RSS {h['rss_baseline_mb']} -> {h['rss_mb']} MB "
+            f"= {h['rss_per_conn_kb']} KB/conn")
+
+
+def format_step(s: StepReport) -> str:
+    return (f"[{s['kind']} {s['target_rate']}/s] sent {s['sent']} delivered {s['delivered']} lost {s['lost']} "
+            f"({s['delivered_per_s']}/s) p50 {s['p50_ms']} p99 {s['p99_ms']} max {s['max_ms']} ms; "
+            f"gateway {s['gateway_us_per_msg']} us/msg ({s['gateway_cpu_pct']}% CPU), "
+            f"loadgen {s['loadgen_cpu_pct']}%, publisher+collector {s['driver_cpu_pct']}%")
+
+
+def format_table(report: RunReport) -> str:
+    c, h = report["connect"], report["hold"]
+    lines = [
+        f"flavor={report['flavor']} connections={report['connections']} workers={report['workers']} "
+        f"server processes={report['gateway_processes']}",
+        "",
+        "| phase | value |",
+        "| --- | --- |",
+        f"| connected | {c['connected']} / {c['target']} (failed {c['failed']}) |",
+        f"| connect rate | {c['rate_per_s']}/s |",
+        f"| server CPU per new connection | {c['gateway_ms_per_conn']} ms |",
+        f"| server RSS | {h['rss_baseline_mb']} -> {h['rss_mb']} MB ({h['rss_per_conn_kb']} KB/conn) |",
+        f"| idle server CPU | {h['gateway_cpu_pct']}% of one core (loadgen {h['loadgen_cpu_pct']}%) |",
+        f"| heartbeats received | {h['heartbeats']} ({h['heartbeats_per_s']}/s) |",
+        f"| still connected at the end | {report['final_connected']} |",
+        f"| closes by the server | {report['close_codes'] or 'none'} |",
+        "",
+        "| step | target/s | sent | delivered | lost | delivered/s | p50 ms | p99 ms | max ms | server us/msg "
+        "| server CPU% | loadgen CPU% | publisher CPU% |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in report["steps"]:
+        lines.append(f"| {s['kind']} | {s['target_rate']} | {s['sent']} | {s['delivered']} | {s['lost']} | "
+                     f"{s['delivered_per_s']} | {s['p50_ms']} | {s['p99_ms']} | {s['max_ms']} | "
+                     f"{s['gateway_us_per_msg']} | {s['gateway_cpu_pct']} | {s['loadgen_cpu_pct']} | "
+                     f"{s['driver_cpu_pct']} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def source_addresses(count: int, base: int) -> tuple[str, ...]:
+    """127.<b>.<x>.<y>: a fresh block per run, so the TIME_WAIT ports a previous run left cannot run us out."""
+    return tuple(f"127.{base}.{(2 + i) // 250}.{(2 + i) % 250 + 2}" for i in range(count))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="loadgen.py",
+        description="Load generator for tornado-gateway / the python-socketio comparison server. Connects C "
+                    "WebSocket clients (answering heartbeats), holds them, then optionally runs fan-out steps "
+                    "(Redis PUBLISH and/or POST /broadcast) and upstream steps (location_update), and prints "
+                    "a table with the server's and its own CPU. Every phase is bounded in time.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--url", default="ws://127.0.0.1:4010", help="server base URL (host and port are used)")
+    parser.add_argument("--flavor", choices=["gateway", "socketio"], default="gateway",
+                        help="wire protocol: tornado-gateway JSON frames or Engine.IO/Socket.IO v4")
+    parser.add_argument("--secret", default=os.environ.get("JWT_SECRET", ""), help="JWT HS256 secret ($JWT_SECRET)")
+    parser.add_argument("--prefix", default=os.environ.get("REDIS_PREFIX", "gateway"),
+                        help="the server's REDIS_PREFIX ($REDIS_PREFIX)")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis for PUBLISH and the events channel")
+    parser.add_argument("--server-pid", type=int, help="server pid; its children are included in CPU/RSS figures")
+    parser.add_argument("-c", "--connections", type=int, default=2000, help="WebSocket clients (one user each)")
+    parser.add_argument("--connect-rate", type=float, default=2000.0, help="new connections per second, in total")
+    parser.add_argument("--concurrency", type=int, default=1000, help="handshakes in flight, in total")
+    parser.add_argument("--workers", type=int, default=0,
+                        help=f"client processes (0: one per {MAX_SOCKETS_PER_WORKER // 1000}K connections, at least 1)")
+    parser.add_argument("--source-ips", type=int, default=0,
+                        help=f"source addresses (0: one per {SOCKETS_PER_SOURCE_ADDRESS} connections, at least 2)")
+    parser.add_argument("--source-block", type=int, default=0,
+                        help="second octet of the source addresses 127.B.x.y (0: random per run)")
+    parser.add_argument("--connect-timeout", type=float, default=0.0,
+                        help="seconds allowed for the connect phase beyond C/rate (0: 30 + 20%% of C/rate)")
+    parser.add_argument("--hold", type=float, default=10.0, help="seconds to hold idle (CPU/RSS/heartbeats)")
+    parser.add_argument("--fanout", default="", help="comma list of publish,http: fan-out paths to run")
+    parser.add_argument("--rates", type=int_list, default=[1000, 2000, 4000, 8000],
+                        help="fan-out rates (messages/s), one step each")
+    parser.add_argument("--step", type=float, default=10.0, help="seconds per fan-out/upstream step")
+    parser.add_argument("--upstream", type=int_list, default=[], help="upstream total rates (updates/s), one step each")
+    parser.add_argument("--run-id", default="", help="user id prefix (default: random)")
+    parser.add_argument("--json", help="write the report as JSON to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> LoadConfig:
+    parts = urlsplit(args.url)
+    redis_parts = urlsplit(args.redis)
+    if not args.secret:
+        raise SystemExit("loadgen.py: --secret (or JWT_SECRET) is required")
+    target = Target(parts.hostname or "127.0.0.1", parts.port or 80, args.flavor, args.secret, args.prefix,
+                    redis_parts.hostname or "127.0.0.1", redis_parts.port or 6379)
+    workers = args.workers or max(1, math.ceil(args.connections / MAX_SOCKETS_PER_WORKER))
+    if math.ceil(args.connections / workers) > MAX_SOCKETS_PER_WORKER:
+        raise SystemExit(f"loadgen.py: more than {MAX_SOCKETS_PER_WORKER} sockets per worker; raise --workers")
+    ips = args.source_ips or max(2, math.ceil(args.connections / SOCKETS_PER_SOURCE_ADDRESS))
+    base = args.source_block if args.source_block else random.randrange(1, 255)
+    timeout = args.connect_timeout or 30.0 + 0.2 * args.connections / args.connect_rate
+    fanout = [v.strip() for v in args.fanout.split(",") if v.strip()]
+    for via in fanout:
+        if via not in ("publish", "http"):
+            raise SystemExit(f"loadgen.py: unknown fan-out path {via!r}")
+    return LoadConfig(target=target, connections=args.connections, connect_rate=args.connect_rate, workers=workers,
+                      hold_s=args.hold, fanout_via=cast(list[Via], fanout), fanout_rates=args.rates,
+                      step_s=args.step, upstream_rates=args.upstream, server_pid=args.server_pid,
+                      run_id=args.run_id or f"lg{random.randrange(16**6):06x}",
+                      connect_timeout_s=timeout, concurrency=args.concurrency, source_ips=source_addresses(ips, base),
+                      json_out=args.json, quiet=args.quiet)
+
+
+def run(config: LoadConfig) -> RunReport:
+    report = Coordinator(config).run()
+    if config.json_out:
+        with open(config.json_out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = config_from_args(parse_args(argv))
+    raise_file_limit()
+    report = run(config)
+    print(format_table(report))
+    return 0 if report["final_connected"] == report["connect"]["connected"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
