@@ -71,9 +71,6 @@ class Hub:
     def has_user(self, user_id: str) -> bool:
         return user_id in self._by_user
 
-    def users(self) -> list[UserId]:
-        return list(self._by_user)
-
     def __iter__(self) -> Iterator[Connection]:
         return iter(list(self._by_id.values()))
 

@@ -63,10 +63,6 @@ class Metrics:
         if len(samples) < MAX_TIMER_SAMPLES:
             samples.append(ms)
 
-    def counter(self, name: str) -> int:
-        """The count since the last flush (for tests and /stats debugging)."""
-        return self._counters.get(name, 0)
-
     def flush(self) -> None:
         counters, gauges, timers = self._counters, self._gauges, self._timers
         self._counters, self._gauges, self._timers = defaultdict(int), {}, defaultdict(list)
