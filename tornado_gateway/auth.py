@@ -117,8 +117,12 @@ class TokenVerifier:
             raise auth_failed("token algorithm is not allowed") from None
         except jwt.InvalidSignatureError:
             raise auth_failed("token signature is invalid") from None
-        except (jwt.InvalidTokenError, ValueError, TypeError):
+        except (jwt.InvalidTokenError, ValueError, TypeError, OverflowError):
             raise auth_failed("token is malformed") from None
+        try:
+            float(claims["exp"])
+        except (TypeError, ValueError, OverflowError):
+            raise auth_failed("token exp is not a number") from None
         return claims
 
     def identity(self, params: ConnectParams) -> Identity:

@@ -28,6 +28,7 @@ from .resp import PipelinedClient, RedisReplyError, RedisUnavailable, RespConnec
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_CHUNK = 1000
+SUBSCRIBE_TIMEOUT_S = 5.0
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, RedisUnavailable,
                 RedisReplyError)
 
@@ -91,13 +92,22 @@ class RedisBus:
             conn.send("SUBSCRIBE", channel)
         except REDIS_ERRORS:
             return  # the listener sees the failure too and resubscribes everything
-        await waiter
+        await self._confirmation(waiter)
 
     async def subscription_ready(self, user_id: str) -> None:
         """Wait for a SUBSCRIBE another device of the user triggered and that Redis has not confirmed."""
         waiters = self._pending.get(self._keys.user_channel(user_id).encode())
         if waiters:
-            await asyncio.shield(waiters[-1])
+            await self._confirmation(waiters[-1])
+
+    @staticmethod
+    async def _confirmation(waiter: asyncio.Future[None]) -> None:
+        """A Redis that stops answering must not hold a connect for long: past the timeout the client
+        is told `connected` and its channel is subscribed again when the listener reconnects."""
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), SUBSCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("Redis did not confirm a SUBSCRIBE within %.0f s", SUBSCRIBE_TIMEOUT_S)
 
     def unsubscribe_user(self, user_id: str) -> None:
         channel = self._keys.user_channel(user_id)

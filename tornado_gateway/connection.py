@@ -1,7 +1,8 @@
 """One client connection as the rest of the gateway sees it: identity, liveness, send and close.
 
-Kept small (`__slots__`, no per-connection tasks or timers) because an instance
-holds tens of thousands of them; the Tornado handler behind it is reached only
+Kept small (`__slots__`; heartbeats, stale and expiry checks are shared sweeps,
+the only per-connection timer is the grace of an expired token) because an
+instance holds tens of thousands of them; the Tornado handler behind it is reached only
 through the `Transport` protocol so that the hub and the heartbeats stay free
 of Tornado and can be tested without sockets.
 """

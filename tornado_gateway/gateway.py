@@ -3,8 +3,10 @@
 Handlers (WebSocket and HTTP) get this object through `initialize()` and call
 its methods; nothing else holds mutable state. Registration order matters and
 is kept in one place here: local hub first (so a message can be delivered the
-moment the subscription is live), then the Redis subscription, then presence,
-then replacement of an older connection of the same device, then `connected`.
+moment the subscription is live, and an older local connection of the same
+device is replaced at once), then the Redis subscription, then presence (which
+names an older connection on another instance, asked to close over the control
+channel), then `connected`.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class Gateway:
         self.connect_limiter = ConnectLimiter(settings.connect_rate_per_ip, settings.connect_burst_per_ip)
         self.max_connections = settings.max_connections or max(100, file_limit() - FD_RESERVE)
         self._timers: list[PeriodicCallback] = []
+        self._published = False  # the server key was written once (so a missing key means it was lost)
         self._background: set[asyncio.Task[Any]] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -112,8 +115,6 @@ class Gateway:
         """SIGTERM: close every client with 1001, spread over the drain window, then deregister."""
         self.draining = True
         self.heartbeats.stop()
-        for timer in self._timers:
-            timer.stop()
         connections = list(self.hub)
         log.info("draining %d connections over %.1f s", len(connections), self.settings.shutdown_drain_s)
         window_s = self.settings.shutdown_drain_s
@@ -124,6 +125,8 @@ class Gateway:
             if window_s > 0 and index < batches - 1:
                 await asyncio.sleep(window_s / batches)
         await asyncio.sleep(0.05)  # let the close frames reach the sockets
+        for timer in self._timers:  # kept running until now: a long drain must not look like a death
+            timer.stop()
         try:
             await self.presence.remove_server(connections)
         except Exception:
@@ -298,11 +301,11 @@ class Gateway:
         """Check a service message once per user (not per device); add id/timestamp only if missing."""
         try:
             kind, payload, ref, stamp = validate_service_message(ujson.loads(data))
-            key = coalesce_key(kind, payload)
-            if ref is not None and stamp is not None:
-                return data, kind, key
-            return dumps(envelope(kind, payload, ref or self.ids.next(), stamp)).encode(), kind, key
-        except (ValueError, OverflowError, RecursionError, ValidationError) as exc:
+            # Re-encoded even when id and timestamp are there: ujson accepts NaN, Infinity and lone
+            # surrogates, which dumps() refuses and browsers cannot parse.
+            frame = dumps(envelope(kind, payload, ref or self.ids.next(), stamp)).encode()
+            return frame, kind, coalesce_key(kind, payload)
+        except (ValueError, OverflowError, RecursionError, ValidationError) as exc:  # UnicodeError is a ValueError
             self.metrics.incr(m.MESSAGES_DROPPED.format(reason="invalid"))
             log.warning("dropped an undeliverable message from Redis: %s", exc)
             return None
@@ -334,6 +337,8 @@ class Gateway:
                 continue
             log.info("presence resynced: %d connections", len(self.hub))
             return
+        log.error("presence resync gave up after %d attempts; it runs again on the next reconnect or lost key",
+                  RESYNC_ATTEMPTS)
 
     async def broadcast(self, user_id: str, message: object) -> BroadcastResult:
         """The broadcast API: validate, count the user's devices in the cluster registry, publish.
@@ -345,17 +350,20 @@ class Gateway:
             text = dumps(envelope(kind, payload, message_id, stamp))
         except (OverflowError, UnicodeEncodeError):
             raise ValidationError("payload contains NaN, Infinity, a huge number or invalid UTF-8") from None
-        try:
-            # Counted and published in one round trip: both ride the same pipelined write.
-            devices, _ = await asyncio.gather(self.presence.device_count(user_id),
-                                              self.bus.publish_user(user_id, text))
-        except BusUnavailable:
-            local = self.hub.devices(user_id)
+        # Counted and published in one round trip: both ride the same pipelined write.
+        counted, published = await asyncio.gather(self.presence.device_count(user_id),
+                                                  self.bus.publish_user(user_id, text), return_exceptions=True)
+        local = self.hub.devices(user_id)
+        if isinstance(published, BusUnavailable):
             if not local:
-                raise
+                raise published
             count = len(local)
             self.on_user_message(user_id, text.encode())
             return BroadcastResult(message_id, count, degraded=True)
+        if isinstance(published, BaseException):
+            raise published
+        # Published; if only the count failed, report the devices this instance can see.
+        devices = counted if isinstance(counted, int) else len(local or ())
         return BroadcastResult(message_id, devices, degraded=False)
 
     # --- stats and housekeeping ---------------------------------------------------------------
@@ -375,7 +383,11 @@ class Gateway:
             self.metrics.gauge(m.CONNECTIONS_ACTIVE.format(user_type=user_type), count)
         try:
             await self.bus.ping()
-            await self.presence.publish_server(stats)
+            key_was_there = await self.presence.publish_server(stats)
+            if not key_was_there and self._published:
+                log.warning("this instance's server key was gone from Redis; writing its presence again")
+                self._spawn(self._resync())
+            self._published = True
             await self.presence.reap_dead_servers()
         except Exception as exc:  # noqa: BLE001 - Redis down: /ready says so, retried next tick
             log.warning("housekeeping skipped: %s", exc)

@@ -121,8 +121,10 @@ class StatsHandler(ApiHandler):
 class ClusterStatsHandler(ApiHandler):
     async def get(self) -> None:
         try:
-            await self.gateway.presence.publish_server(self.gateway.stats())  # our own figures, fresh
-            servers = await self.gateway.presence.cluster()
+            own = self.gateway.stats()
+            # Our own figures fresh, the others' as of their last refresh; no Redis write per request.
+            others = [s for s in await self.gateway.presence.cluster() if s["serverId"] != own["serverId"]]
+            servers = sorted([own, *others], key=lambda s: s["serverId"])
         except Exception as exc:  # noqa: BLE001 - report, do not crash, when Redis is down
             log.warning("cluster stats unavailable: %s", exc)
             self.send_error_json(503, ErrorCode.UNAVAILABLE, "Redis is unavailable")

@@ -84,8 +84,11 @@ class Presence(Protocol):
 
     async def device_count(self, user_id: str) -> int: ...
 
-    async def publish_server(self, stats: ServerStats) -> None:
-        """Write this instance's live key (with its expiry) and membership in the server set."""
+    async def publish_server(self, stats: ServerStats) -> bool:
+        """Write this instance's live key (with its expiry) and membership in the server set.
+
+        Returns whether the key was still there: if not, Redis lost it (a restart, or peers reaped
+        this instance after a stall) and with it, possibly, this instance's presence entries."""
 
     async def remove_server(self, connections: Iterable[Connection]) -> None:
         """Deregister this instance and every entry it owns (graceful shutdown)."""
@@ -126,8 +129,9 @@ class MemoryPresence:
     async def device_count(self, user_id: str) -> int:
         return len(self._entries.get(user_id, {}))
 
-    async def publish_server(self, stats: ServerStats) -> None:
+    async def publish_server(self, stats: ServerStats) -> bool:
         self._stats = stats
+        return True
 
     async def remove_server(self, connections: Iterable[Connection]) -> None:
         self._entries.clear()

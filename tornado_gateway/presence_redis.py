@@ -127,7 +127,7 @@ class RedisPresence:
         except (RedisUnavailable, RedisReplyError) as exc:
             raise BusUnavailable(str(exc)) from None
 
-    async def publish_server(self, stats: ServerStats) -> None:
+    async def publish_server(self, stats: ServerStats) -> bool:
         key = self._keys.server(self._server_id)
         mapping: dict[FieldT, EncodableT] = {
             "serverId": stats["serverId"],
@@ -138,10 +138,12 @@ class RedisPresence:
             **{user_type: stats["byUserType"][user_type] for user_type in USER_TYPES},
         }
         async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.exists(key)
             pipe.hset(key, mapping=mapping)
             pipe.pexpire(key, self._ttl_ms)
             pipe.sadd(self._keys.servers, self._server_id)
-            await pipe.execute()
+            existed, *_ = await pipe.execute()
+        return bool(existed)
 
     async def remove_server(self, connections: Iterable[Connection]) -> None:
         await self._purge_instance(self._server_id)

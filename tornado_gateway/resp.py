@@ -39,8 +39,8 @@ class RespConnection:
     Commands are queued in order and written once per event-loop iteration: a connect storm's
     SUBSCRIBEs and presence scripts leave in one syscall instead of one each."""
 
-    __slots__ = ("_host", "_port", "_username", "_password", "_ssl", "_unix_path", "_reader", "_writer", "_parser",
-                 "_outbox")
+    __slots__ = ("_host", "_port", "_username", "_password", "_ssl", "_unix_path", "_db", "_reader", "_writer",
+                 "_parser", "_outbox")
 
     def __init__(self, url: str) -> None:
         kwargs = parse_url(url)
@@ -50,6 +50,7 @@ class RespConnection:
         self._password = kwargs.get("password")
         self._ssl = "SSL" in getattr(kwargs.get("connection_class"), "__name__", "")
         self._unix_path = kwargs.get("path")
+        self._db = int(kwargs.get("db") or 0)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._parser = hiredis.Reader()
@@ -63,10 +64,15 @@ class RespConnection:
         self._reader, self._writer = await asyncio.wait_for(opening, timeout_s)
         if self._password:
             auth = ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)
-            self.send(*[a for a in auth if a is not None])
-            reply = (await asyncio.wait_for(self.read_replies(), timeout_s))[0]
-            if isinstance(reply, Exception):
-                raise ConnectionError(f"Redis refused AUTH: {reply}")
+            await self._handshake(timeout_s, *[a for a in auth if a is not None])
+        if self._db:  # the db of REDIS_URL, as redis-py selects it for the other connections
+            await self._handshake(timeout_s, "SELECT", self._db)
+
+    async def _handshake(self, timeout_s: float, *command: str | int) -> None:
+        self.send(*command)
+        reply = (await asyncio.wait_for(self.read_replies(), timeout_s))[0]
+        if isinstance(reply, Exception):
+            raise ConnectionError(f"Redis refused {command[0]}: {reply}")
 
     def send(self, *args: str | int) -> None:
         if self._writer is None or self._writer.is_closing():

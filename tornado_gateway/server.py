@@ -11,6 +11,7 @@ import asyncio
 import logging
 import resource
 import signal
+import urllib.parse
 from collections.abc import Callable
 
 from redis.asyncio import Redis
@@ -29,6 +30,16 @@ from .redis_keys import Keys
 from .resp import PipelinedClient
 
 log = logging.getLogger("tornado_gateway")
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def run(settings: Settings) -> None:
@@ -68,7 +79,7 @@ async def build_backends(settings: Settings, metrics: Metrics) -> tuple[Presence
             await redis.ping()
         except Exception as exc:  # noqa: BLE001 - dev mode degrades instead of failing
             log.warning("=" * 72)
-            log.warning("DEVELOPMENT MODE: Redis at %s is not reachable (%s)", settings.redis_url, exc)
+            log.warning("DEVELOPMENT MODE: Redis at %s is not reachable (%s)", redacted(settings.redis_url), exc)
             log.warning("falling back to the EMBEDDED single-instance bus: no cross-instance delivery")
             log.warning("=" * 72)
             await redis.aclose()
