@@ -214,15 +214,13 @@ class Gateway:
     def _release(self, conn: Connection) -> None:
         """Local and Redis cleanup, exactly once per connection."""
         if conn.bucket < 0:
-            return
+            return  # already released (the heartbeat bucket is the registration marker)
         last_local = self._forget(conn)
         if not self.draining:  # drain() removes this instance's entries in one sweep
             self._spawn(self._unregister_presence(conn, last_local=last_local))
 
     def _forget(self, conn: Connection) -> bool:
-        """Local cleanup; returns whether the user has no device left here. Idempotent."""
-        if conn.bucket < 0:
-            return False  # already forgotten (the heartbeat bucket is the registration marker)
+        """Local cleanup; returns whether the user has no device left here. Only `_release` calls it."""
         self.heartbeats.remove(conn)
         if conn.expiry_timer is not None:
             conn.expiry_timer.cancel()
