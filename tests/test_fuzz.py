@@ -24,8 +24,8 @@ The oracle's rules, in the order the contract implies:
 6. Otherwise the frame is accepted: an `ack` with its id, or nothing when it had no id.
 
 An `error` frame carries `ref` = the frame's `id` when the frame was JSON and its `id` is a string of
-at most 128 characters; it never carries one for INVALID_JSON. A text frame that is not UTF-8 drops the
-connection without a close frame (the contract's decision); everything else keeps it open.
+at most 128 characters; it never carries one for INVALID_JSON. A text frame that is not UTF-8 closes the
+connection with 1007 (docs/PROTOCOL.md); everything else keeps it open.
 
 Numbers must be finite and integers within +-2^63; strings (ids included) must be encodable as UTF-8
 (a JSON `\\ud800` escape decodes to a lone surrogate, which is not). The regression tests at the end
@@ -461,7 +461,7 @@ INVALID_UTF8 = st.sampled_from([b"\xff", b"\xfe", b"\xc0\x80", b"\xc3", b"\xe2\x
 @settings(FUZZ, max_examples=40)
 @given(head=st.text(max_size=20).map(str.encode), bad=INVALID_UTF8, tail=st.text(max_size=20).map(str.encode),
        inside_json=st.booleans())
-async def test_invalid_utf8_in_a_text_frame_drops_that_connection_and_the_gateway_keeps_serving(
+async def test_invalid_utf8_in_a_text_frame_closes_that_connection_with_1007_and_the_gateway_keeps_serving(
         prober: Prober, head: bytes, bad: bytes, tail: bytes, inside_json: bool) -> None:
     data = head + bad + tail
     bystander = await prober.client("rider")  # another connection, open before the bad frame
@@ -473,7 +473,7 @@ async def test_invalid_utf8_in_a_text_frame_drops_that_connection_and_the_gatewa
     write(client, data)  # the bytes as they are, with the text opcode
     code, frames = await client.closed(timeout=5)
     prober.forget("driver")
-    assert code is None, f"expected the connection dropped without a close frame, got close code {code}"
+    assert code == 1007, f"expected close code 1007 (invalid UTF-8), got {code}"
     assert [f for f in frames if f["type"] != "heartbeat"] == [], "no answer to a frame that is not UTF-8"
     assert prober.gateway.proc is not None and prober.gateway.proc.poll() is None, "the gateway process died"
     assert (await prober.gateway.http("GET", "/health"))[0] == 200

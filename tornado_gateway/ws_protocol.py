@@ -1,0 +1,347 @@
+"""RFC 6455 framing for an upgraded socket, on a plain asyncio transport.
+
+Tornado's WebSocketHandler does the upgrade (routing, Origin, headers, 101,
+`open()`); after that the socket is handed to a `FrameProtocol`. Tornado's own
+frame loop keeps an IOStream, a WebSocketProtocol13 and a suspended coroutine
+with its futures for every open socket (about 9 KB of an idle connection, and
+several awaits per frame); this protocol is one slotted object fed by
+`data_received`, so an idle connection costs the transport, this object and the
+handler. Frames still reach `WebSocketHandler.on_message`, and the close
+reaches `on_ws_connection_close`, as they did under Tornado.
+
+What it enforces (close codes as the RFC assigns them): client frames masked,
+no reserved bits (no extension is negotiated on this path: with compression on,
+Tornado's frame loop is kept), control frames final and at most 125 bytes,
+continuation only inside a fragmented message, messages (all fragments) at
+most `max_size` bytes (1009, checked from the header so an oversized frame is
+never buffered), text valid UTF-8 (1007). While `on_message` returns an
+awaitable, reading pauses: frames are handled one at a time, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Final, Protocol, cast
+
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+from tornado.util import _websocket_mask
+
+log = logging.getLogger(__name__)
+
+FIN: Final = 0x80
+OP_CONTINUATION: Final = 0x0
+OP_TEXT: Final = 0x1
+OP_BINARY: Final = 0x2
+OP_CLOSE: Final = 0x8
+OP_PING: Final = 0x9
+OP_PONG: Final = 0xA
+
+PROTOCOL_ERROR: Final = 1002
+INVALID_PAYLOAD: Final = 1007
+MESSAGE_TOO_BIG: Final = 1009
+#: How long a close we started waits for the client's close frame before the socket is dropped.
+CLOSE_TIMEOUT_S: Final = 5.0
+
+
+class FrameSink(Protocol):
+    """The WebSocketHandler the frames are for."""
+
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None: ...
+
+    def on_ws_connection_close(self, close_code: int | None = None, close_reason: str | None = None) -> None: ...
+
+
+def frame(opcode: int, payload: bytes) -> bytes:
+    """One unmasked, final frame: what a server sends."""
+    length = len(payload)
+    if length < 126:
+        return bytes((FIN | opcode, length)) + payload
+    if length < 65536:
+        return struct.pack("!BBH", FIN | opcode, 126, length) + payload
+    return struct.pack("!BBQ", FIN | opcode, 127, length) + payload
+
+
+def close_payload(code: int | None, reason: str) -> bytes:
+    if code is None:
+        return b""
+    return struct.pack("!H", code) + reason.encode("utf-8", "replace")[:123]
+
+
+class FrameProtocol(asyncio.Protocol):
+    __slots__ = ("_sink", "_transport", "_buffer", "_max_size", "_fragments", "_fragment_opcode", "_busy",
+                 "_sent_close", "_got_close", "_close_timer", "_drain_waiters", "_close_code", "_close_reason",
+                 "_pending_pong")
+
+    def __init__(self, sink: FrameSink, max_size: int, pending: bytes = b"") -> None:
+        self._sink: FrameSink | None = sink
+        self._transport: asyncio.Transport | None = None
+        self._buffer = pending  # bytes received and not yet a whole frame (or held while busy)
+        self._max_size = max_size
+        self._fragments: bytearray | None = None
+        self._fragment_opcode = OP_TEXT
+        self._busy = False  # on_message's awaitable is running: later frames wait
+        self._sent_close = False
+        self._got_close = False
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._drain_waiters: list[Callable[[], None]] | None = None
+        self._close_code: int | None = None
+        self._close_reason: str | None = None
+        self._pending_pong: bytes | None = None
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # Told when the buffer first holds bytes and when it is empty again: on_drained rides on it.
+        transport.set_write_buffer_limits(high=0, low=0)
+        if self._buffer:
+            self._process()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer = self._buffer + data if self._buffer else data
+        if not self._busy:
+            self._process()
+
+    def eof_received(self) -> bool | None:
+        return None  # the client half-closed: close our side too
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, None
+        for callback in waiters or ():
+            callback()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self._sent_close = self._got_close = True
+        self._buffer = b""
+        self.resume_writing()  # "drained" waiters learn the socket is gone
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.on_ws_connection_close(self._close_code, self._close_reason)
+
+    # --- the connection's Transport (see connection.py) ----------------------------------------
+
+    def write_frame(self, data: str | bytes) -> bool:
+        transport = self._transport
+        if self._sent_close or transport is None or transport.is_closing():
+            return False
+        transport.write(frame(OP_TEXT, data.encode() if isinstance(data, str) else data))
+        return True
+
+    def close_transport(self, code: int, reason: str) -> None:
+        self.close(code, reason)
+
+    def close(self, code: int | None = None, reason: str = "") -> None:
+        """Start the closing handshake (or finish it, if the client started it)."""
+        transport = self._transport
+        if transport is None:
+            return
+        if not self._sent_close:
+            self._sent_close = True
+            if not transport.is_closing():
+                transport.write(frame(OP_CLOSE, close_payload(code, reason)))
+        if self._got_close:
+            transport.close()  # flushes what is queued, then closes
+        elif self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self.abort)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._sent_close or self._transport is None or self._transport.is_closing()
+
+    def buffered_bytes(self) -> int:
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
+    def on_drained(self, callback: Callable[[], None]) -> None:
+        if self.buffered_bytes() == 0 or self._transport is None or self._transport.is_closing():
+            callback()
+        elif self._drain_waiters is None:
+            self._drain_waiters = [callback]
+        else:
+            self._drain_waiters.append(callback)
+
+    # --- parsing ------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Handle every whole frame in the buffer, stopping early while a message is in progress."""
+        buf = self._buffer
+        end = len(buf)
+        pos = 0
+        while not self._busy and not self._got_close:
+            if end - pos < 2:
+                break
+            first, second = buf[pos], buf[pos + 1]
+            opcode = first & 0x0F
+            length = second & 0x7F
+            header = 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length = int.from_bytes(buf[pos + 2:pos + 4], "big")
+                header = 4
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                header = 10
+            problem = self._header_problem(first, second, opcode, length)
+            if problem is not None:
+                self._buffer = b""
+                self._fail(*problem)
+                return
+            start = pos + header + 4
+            if end - start < length:
+                break
+            payload = _websocket_mask(buf[pos + header:start], buf[start:start + length])
+            pos = start + length
+            self._frame(opcode, bool(first & FIN), payload)
+        self._buffer = buf[pos:] if pos < end else b""
+        if self._busy and self._buffer and self._transport is not None:
+            self._transport.pause_reading()
+
+    def _header_problem(self, first: int, second: int, opcode: int, length: int) -> tuple[int, str] | None:
+        if first & 0x70:
+            return PROTOCOL_ERROR, "reserved bits set: no extension was negotiated"
+        if not second & 0x80:
+            return PROTOCOL_ERROR, "client frames must be masked"
+        if opcode & 0x8:
+            if length > 125 or not first & FIN:
+                return PROTOCOL_ERROR, "control frames are final and at most 125 bytes"
+        elif length + (len(self._fragments) if self._fragments is not None else 0) > self._max_size:
+            return MESSAGE_TOO_BIG, "message too big"
+        return None
+
+    def _frame(self, opcode: int, final: bool, payload: bytes) -> None:
+        if opcode & 0x8:
+            self._control(opcode, payload)
+            return
+        if opcode == OP_CONTINUATION:
+            fragments = self._fragments
+            if fragments is None:
+                self._fail(PROTOCOL_ERROR, "continuation frame outside a fragmented message")
+                return
+            fragments += payload
+            if not final:
+                return
+            opcode, payload, self._fragments = self._fragment_opcode, bytes(fragments), None
+        elif opcode in (OP_TEXT, OP_BINARY):
+            if self._fragments is not None:
+                self._fail(PROTOCOL_ERROR, "a new message inside a fragmented one")
+                return
+            if not final:
+                self._fragments, self._fragment_opcode = bytearray(payload), opcode
+                return
+        else:
+            self._fail(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+            return
+        self._message(opcode, payload)
+
+    def _message(self, opcode: int, payload: bytes) -> None:
+        sink = self._sink
+        if sink is None or self._sent_close:
+            return  # we are closing: what the client still sends is not read
+        if opcode == OP_TEXT:
+            try:
+                message: str | bytes = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                self._fail(INVALID_PAYLOAD, "text frame is not valid UTF-8")
+                return
+        else:
+            message = payload
+        pending = sink.on_message(message)
+        if pending is not None:
+            self._busy = True
+            asyncio.ensure_future(pending).add_done_callback(self._message_done)
+
+    def _message_done(self, done: asyncio.Future[None]) -> None:
+        self._busy = False
+        if not done.cancelled() and done.exception() is not None:
+            log.error("on_message failed", exc_info=done.exception())
+        if self._transport is None or self._got_close:
+            return
+        if self._buffer:
+            self._process()
+        if not self._busy and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == OP_CLOSE:
+            self._got_close = True
+            code: int | None = None
+            reason = ""
+            if len(payload) >= 2:
+                code = int.from_bytes(payload[:2], "big")
+                reason = payload[2:].decode("utf-8", "replace")
+            self._close_code, self._close_reason = code, reason
+            self.close(code)  # echo the client's code (RFC 6455 5.5.1), then close the socket
+        elif opcode == OP_PING:
+            self._pong(payload)
+        elif opcode != OP_PONG:
+            self._fail(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+
+    def _pong(self, payload: bytes) -> None:
+        """At most one pong waits in a congested buffer (RFC 6455 5.5.3): a ping flood cannot grow it."""
+        if self._sent_close or self._transport is None:
+            return
+        if self.buffered_bytes() == 0:
+            self._transport.write(frame(OP_PONG, payload))
+            return
+        if self._pending_pong is None:
+            self.on_drained(self._send_pending_pong)
+        self._pending_pong = payload
+
+    def _send_pending_pong(self) -> None:
+        payload, self._pending_pong = self._pending_pong, None
+        if payload is not None:
+            self._pong(payload)
+
+    def _fail(self, code: int, reason: str) -> None:
+        log.debug("closing WebSocket with %d: %s", code, reason)
+        self._got_close = True  # read nothing more from a client that broke the protocol
+        self._close_code, self._close_reason = code, reason
+        self.close(code, reason)
+
+
+async def hand_over(stream: IOStream, protocol_factory: Callable[[bytes], FrameProtocol]) -> bool:
+    """Move an upgraded socket from its Tornado IOStream to a `FrameProtocol`.
+
+    False (and the stream left as it was) when it cannot be done: TLS, a stream
+    already closed, or a loop that cannot adopt a socket. Bytes the client sent
+    right after the upgrade, already read into the IOStream, are handed over too.
+    """
+    if isinstance(stream, SSLIOStream) or stream.closed():
+        return False
+    try:
+        if stream.writing():
+            await stream.write(b"")  # resolves once the 101 and `connected` reached the socket
+    except StreamClosedError:
+        return False
+    sock = stream.socket
+    if stream.closed() or sock is None:
+        return False
+    pending = bytes(stream._read_buffer[:stream._read_buffer_size])
+    stream.set_close_callback(None)
+    stream.io_loop.remove_handler(sock.fileno())
+    adopted = socket.socket(fileno=sock.detach())
+    stream.close()  # the IOStream's socket object no longer owns the descriptor: nothing is closed
+    protocol = protocol_factory(pending)
+    try:
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, adopted)
+    except (OSError, RuntimeError):
+        log.debug("could not adopt an upgraded socket", exc_info=True)
+        adopted.close()
+        protocol.connection_lost(None)
+        return True
+    return True
