@@ -279,7 +279,8 @@ class RawSocketClient:
     tests use this to make the gateway's writes back up for real.
     """
 
-    def __init__(self, port: int, token: str, user_type: str, device_id: str, rcvbuf: int = 4096) -> None:
+    def __init__(self, port: int, token: str, user_type: str, device_id: str, rcvbuf: int = 4096,
+                 early: bytes = b"", extensions: str = "") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(5)
@@ -287,8 +288,9 @@ class RawSocketClient:
         key = "dGhlIHNhbXBsZSBub25jZQ=="
         path = f"/ws?token={token}&userType={user_type}&deviceId={device_id}&platform=android"
         self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                           ).encode())
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                           + (f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else "")
+                           + "\r\n").encode() + early)
         response = b""
         while b"\r\n\r\n" not in response:
             chunk = self.sock.recv(1)
@@ -297,6 +299,31 @@ class RawSocketClient:
             response += chunk
         if b" 101 " not in response.split(b"\r\n")[0]:
             raise ConnectionError(response.decode(errors="replace"))
+        self.response_headers = response.decode(errors="replace")
+
+    def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True, rsv: int = 0) -> None:
+        self.sock.sendall(client_frame(opcode, payload, fin=fin, masked=masked, rsv=rsv))
+
+    def read_json(self) -> dict[str, Any]:
+        """The next text frame, decoded; skips heartbeats."""
+        while True:
+            opcode, payload = self.read_frame()
+            assert opcode == 1, f"expected a text frame, got opcode {opcode}: {payload[:80]!r}"
+            message: dict[str, Any] = json.loads(payload)
+            if message["type"] != "heartbeat":
+                return message
+
+    def read_close(self) -> int | None:
+        """Read until the server's close frame, then check the server also closes the socket."""
+        while True:
+            opcode, payload = self.read_frame()
+            if opcode == 8:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+                try:
+                    self.sock.recv(1)  # b"" once the server has closed its side
+                except OSError:
+                    pass
+                return code
 
     def read_frame(self) -> tuple[int, bytes]:
         """(opcode, payload) of the next server frame (servers never mask)."""
@@ -320,6 +347,22 @@ class RawSocketClient:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True, rsv: int = 0) -> bytes:
+    """One client frame as RFC 6455 lays it out (masked with a fixed key unless told otherwise)."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    length = len(payload)
+    if length < 126:
+        head = bytes((first, (0x80 if masked else 0) | length))
+    elif length < 65536:
+        head = bytes((first, (0x80 if masked else 0) | 126)) + length.to_bytes(2, "big")
+    else:
+        head = bytes((first, (0x80 if masked else 0) | 127)) + length.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    key = b"\x37\xfa\x21\x3d"
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def module_gateway(env: dict[str, str] | None = None) -> Callable[[str, str], Iterator[GatewayProcess]]:
