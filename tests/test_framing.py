@@ -126,6 +126,7 @@ async def test_compression_when_enabled_is_negotiated_and_messages_flow(make_gat
 
     def next_message() -> dict[str, object]:
         opcode, payload = client.read_frame()  # read_frame masks off RSV1, the "compressed" bit
+        assert opcode == TEXT
         message: dict[str, object] = json.loads(inflate.decompress(payload + b"\x00\x00\xff\xff"))
         return message
 
