@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import jwt
 import pytest
 
-from tornado_gateway.auth import DeviceId, Identity, UserId
+from tornado_gateway.auth import DeviceId, Identity, PreparedKeyHMAC, TokenVerifier, UserId, mint_token, token_decoder
 from tornado_gateway.config import DEV_JWT_SECRET, ConfigError, load_settings
 from tornado_gateway.connection import Connection
-from tornado_gateway.errors import ErrorCode, ValidationError
+from tornado_gateway.errors import ErrorCode, GatewayError, ValidationError
 from tornado_gateway.heartbeat import MAX_BUCKETS, bucket_plan, is_stale
 from tornado_gateway.hub import Hub
 from tornado_gateway.messages import (
@@ -173,3 +175,20 @@ def test_bad_settings_are_refused(env: dict[str, str]) -> None:
 def test_shipped_conf_files_load(name: str) -> None:
     conf = Path(__file__).resolve().parent.parent / "conf" / name
     assert load_settings({"JWT_SECRET": "s", "GATEWAY_API_KEY": "k"}, conf_file=str(conf)).port == 4010
+
+
+def test_a_verifier_that_kept_its_prepared_key_still_refuses_tokens_signed_with_another_secret() -> None:
+    settings = load_settings(env={"JWT_SECRET": "k" * 40, "JWT_ALGORITHMS": "HS256,HS512"})
+    verifier = TokenVerifier(settings)
+    good = mint_token(settings, "u1", "driver")
+    forged = jwt.encode({"sub": "u1", "userType": "driver", "exp": int(time.time()) + 60}, "x" * 40)
+    assert verifier.claims(good)["sub"] == "u1"
+    with pytest.raises(GatewayError, match="signature is invalid"):
+        verifier.claims(forged)
+    assert verifier.claims(good)["sub"] == "u1"  # the kept key is the configured one, not the last seen
+
+
+def test_token_verification_keeps_the_prepared_hmac_key() -> None:
+    """Guards the handshake fast path: a PyJWT upgrade that drops the hook would silently slow it."""
+    decoder = token_decoder(["HS256", "RS256"])
+    assert isinstance(decoder._jws.get_algorithm_by_name("HS256"), PreparedKeyHMAC)

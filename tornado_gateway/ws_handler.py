@@ -43,6 +43,7 @@ class DetachedReadLoop(WebSocketProtocol13):
     _frame_task: asyncio.Task[None] | None = None
 
     async def _receive_frame_loop(self) -> None:
+        cast(GatewaySocket, self.handler).shed_upgrade_state()
         self._frame_task = asyncio.ensure_future(self._run_frames())
 
     async def _run_frames(self) -> None:
@@ -116,12 +117,12 @@ class GatewaySocket(WebSocketHandler):
         if gateway.settings.socket_sndbuf:
             self._cap_kernel_send_buffer(gateway.settings.socket_sndbuf)
         remote_ip = self.request.remote_ip or ""
-        self._shed_upgrade_state()
         self.conn = await gateway.connect(identity, self, remote_ip)
 
-    def _shed_upgrade_state(self) -> None:
-        """Drop what the upgrade request left behind (headers, parsed query, template helpers): about
-        2 KB per connection that an open WebSocket never reads again."""
+    def shed_upgrade_state(self) -> None:
+        """On Tornado's frame loop (compression on, or a socket hand_over could not take), drop what
+        the upgrade request left behind (headers, parsed query, template helpers): about 2 KB per
+        connection that an open WebSocket never reads again."""
         # Cleared in place: Tornado's suspended get() frame still references these very objects.
         request = self.request
         request.headers.clear()
