@@ -300,6 +300,7 @@ class RawSocketClient:
         if b" 101 " not in response.split(b"\r\n")[0]:
             raise ConnectionError(response.decode(errors="replace"))
         self.response_headers = response.decode(errors="replace")
+        self.last_first_byte = 0
 
     def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True, rsv: int = 0) -> None:
         self.sock.sendall(client_frame(opcode, payload, fin=fin, masked=masked, rsv=rsv))
@@ -314,15 +315,16 @@ class RawSocketClient:
                 return message
 
     def read_close(self) -> int | None:
-        """Read until the server's close frame, then check the server also closes the socket."""
+        """Read until the server's close frame; the server must then close the socket (within 5 s)."""
         while True:
             opcode, payload = self.read_frame()
             if opcode == 8:
                 code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
                 try:
-                    self.sock.recv(1)  # b"" once the server has closed its side
-                except OSError:
-                    pass
+                    rest = self.sock.recv(1)
+                except ConnectionResetError:
+                    rest = b""
+                assert rest == b"", f"the server sent {rest!r} after its close frame"
                 return code
 
     def read_frame(self) -> tuple[int, bytes]:
@@ -333,6 +335,7 @@ class RawSocketClient:
             length = int.from_bytes(self._exact(2), "big")
         elif length == 127:
             length = int.from_bytes(self._exact(8), "big")
+        self.last_first_byte = head[0]
         return head[0] & 0x0F, self._exact(length)
 
     def _exact(self, count: int) -> bytes:

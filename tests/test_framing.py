@@ -24,6 +24,14 @@ def frame_json(message: dict[str, object]) -> bytes:
     return json.dumps(message).encode()
 
 
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def gateway(request: pytest.FixtureRequest, redis_url: str, prefix: str) -> Iterator[GatewayProcess]:
+    """The protocol runs on either loop (EVENT_LOOP); their transports differ in pausing and buffering."""
+    process = GatewayProcess(redis_url, prefix, {"EVENT_LOOP": request.param}).start()
+    yield process
+    process.stop()
+
+
 @pytest.fixture
 def driver(gateway: GatewayProcess) -> Iterator[RawSocketClient]:
     client = RawSocketClient(gateway.port, make_token(unique(), "driver"), "driver", "d1")
@@ -90,6 +98,7 @@ async def test_invalid_utf8_in_a_text_frame_closes_with_1007(driver: RawSocketCl
     pytest.param({"opcode": 0x3, "payload": b"{}"}, id="reserved-opcode"),
 ])
 async def test_a_framing_violation_closes_with_1002(driver: RawSocketClient, violation: dict[str, object]) -> None:
+    violation = dict(violation)  # the parameter is shared by both loops' runs
     opcode = violation.pop("opcode")
     payload = violation.pop("payload")
     assert isinstance(opcode, int) and isinstance(payload, bytes)
@@ -101,6 +110,29 @@ async def test_a_new_message_inside_a_fragmented_one_closes_with_1002(driver: Ra
     driver.send_frame(TEXT, b'{"type":', fin=False)
     driver.send_frame(TEXT, b"{}")
     assert driver.read_close() == 1002
+
+
+async def test_a_frame_header_announcing_more_than_the_maximum_closes_with_1009_at_once(
+        driver: RawSocketClient) -> None:
+    driver.sock.sendall(bytes((0x81, 0x80 | 127)) + (2 ** 40).to_bytes(8, "big") + b"mask")  # no payload follows
+    assert driver.read_close() == 1009
+
+
+@pytest.mark.parametrize(("payload", "code"), [
+    pytest.param(b"\x03", 1002, id="one-byte-payload"),
+    pytest.param((1005).to_bytes(2, "big"), 1002, id="code-1005-is-never-sent"),
+    pytest.param((999).to_bytes(2, "big"), 1002, id="code-below-1000"),
+    pytest.param((1000).to_bytes(2, "big") + b"\xff", 1007, id="reason-not-utf8"),
+])
+async def test_an_invalid_close_frame_is_answered_with_its_error_code(driver: RawSocketClient, payload: bytes,
+                                                                      code: int) -> None:
+    driver.send_frame(CLOSE, payload)
+    assert driver.read_close() == code
+
+
+async def test_an_application_close_code_is_echoed(driver: RawSocketClient) -> None:
+    driver.send_frame(CLOSE, (4000).to_bytes(2, "big"))
+    assert driver.read_close() == 4000
 
 
 async def test_a_fragmented_message_over_the_maximum_closes_with_1009(driver: RawSocketClient) -> None:
@@ -125,8 +157,9 @@ async def test_compression_when_enabled_is_negotiated_and_messages_flow(make_gat
     inflate = zlib.decompressobj(-zlib.MAX_WBITS)
 
     def next_message() -> dict[str, object]:
-        opcode, payload = client.read_frame()  # read_frame masks off RSV1, the "compressed" bit
+        opcode, payload = client.read_frame()
         assert opcode == TEXT
+        assert client.last_first_byte & 0x40, "RSV1 set: the server compressed the frame"
         message: dict[str, object] = json.loads(inflate.decompress(payload + b"\x00\x00\xff\xff"))
         return message
 

@@ -59,11 +59,13 @@ class DetachedReadLoop(WebSocketProtocol13):
 class HandOver(DetachedReadLoop):
     """After `open()`, the socket leaves Tornado's frame loop for a `FrameProtocol` (ws_protocol.py).
     Kept on Tornado's loop: a connection being refused (its close handshake is under way) and any
-    socket `hand_over` cannot take (TLS)."""
+    socket `hand_over` cannot take (TLS). A handler whose connection is already closed (replaced
+    or drained during `open()`) stays too: its close handshake is under way on Tornado's stream."""
 
     async def _receive_frame_loop(self) -> None:
         handler = cast(GatewaySocket, self.handler)
-        if self.is_closing() or handler.conn is None or not await hand_over(self.stream, handler.adopt):
+        conn = handler.conn
+        if self.is_closing() or conn is None or conn.closed or not await hand_over(self.stream, handler.adopt):
             await super()._receive_frame_loop()
 
 
@@ -75,10 +77,10 @@ class GatewaySocket(WebSocketHandler):
         self.gateway = gateway
         self.conn = None
 
-    def adopt(self, pending: bytes) -> FrameProtocol:
+    def adopt(self) -> FrameProtocol:
         """From here on the connection writes straight to the frame protocol, and Tornado's
         WebSocketProtocol13 (with its IOStream) is let go."""
-        frames = FrameProtocol(self, self.gateway.settings.max_message_size, pending)
+        frames = FrameProtocol(self, self.gateway.settings.max_message_size)
         if self.conn is not None:
             self.conn.transport = frames
         self.ws_connection = None

@@ -65,21 +65,43 @@ def frame(opcode: int, payload: bytes) -> bytes:
     return struct.pack("!BBQ", FIN | opcode, 127, length) + payload
 
 
+#: Close codes a client may send (RFC 6455 7.4): the rest are reserved or must never be on the wire.
+VALID_CLOSE_CODES: Final = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+
+
 def close_payload(code: int | None, reason: str) -> bytes:
     if code is None:
         return b""
-    return struct.pack("!H", code) + reason.encode("utf-8", "replace")[:123]
+    # At most 123 bytes of reason fit a control frame; never cut inside a UTF-8 sequence.
+    return struct.pack("!H", code) + reason.encode("utf-8", "replace")[:123].decode("utf-8", "ignore").encode()
+
+
+def close_problem(payload: bytes) -> tuple[int, str] | None:
+    """Why a client's close frame is itself invalid, if it is."""
+    if len(payload) == 1:
+        return PROTOCOL_ERROR, "close frame with a 1-byte payload"
+    if len(payload) >= 2:
+        code = int.from_bytes(payload[:2], "big")
+        if code not in VALID_CLOSE_CODES and not 3000 <= code <= 4999:
+            return PROTOCOL_ERROR, f"invalid close code {code}"
+        try:
+            payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            return INVALID_PAYLOAD, "close reason is not valid UTF-8"
+    return None
 
 
 class FrameProtocol(asyncio.Protocol):
     __slots__ = ("_sink", "_transport", "_buffer", "_max_size", "_fragments", "_fragment_opcode", "_busy",
                  "_sent_close", "_got_close", "_close_timer", "_drain_waiters", "_close_code", "_close_reason",
-                 "_pending_pong")
+                 "_pending_pong", "_early")
 
-    def __init__(self, sink: FrameSink, max_size: int, pending: bytes = b"") -> None:
+    def __init__(self, sink: FrameSink, max_size: int) -> None:
         self._sink: FrameSink | None = sink
         self._transport: asyncio.Transport | None = None
-        self._buffer = pending  # bytes received and not yet a whole frame (or held while busy)
+        # Received and not yet handled: part of a frame, or frames held while a message waits for Redis.
+        # A bytearray whenever it holds something, so that appending to it is not quadratic.
+        self._buffer: bytes | bytearray = b""
         self._max_size = max_size
         self._fragments: bytearray | None = None
         self._fragment_opcode = OP_TEXT
@@ -91,6 +113,14 @@ class FrameProtocol(asyncio.Protocol):
         self._close_code: int | None = None
         self._close_reason: str | None = None
         self._pending_pong: bytes | None = None
+        # What the connection writes (a close included) before connection_made: the socket is being
+        # handed over; it is written first, in order.
+        self._early: list[bytes] | None = []
+
+    def received_before(self, data: bytes) -> None:
+        """Bytes the client sent right behind the upgrade request, already read by Tornado."""
+        if data:
+            self._buffer = bytearray(data)
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -98,16 +128,27 @@ class FrameProtocol(asyncio.Protocol):
         self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         # Told when the buffer first holds bytes and when it is empty again: on_drained rides on it.
         transport.set_write_buffer_limits(high=0, low=0)
-        if self._buffer:
+        early, self._early = self._early, None
+        if early:
+            transport.writelines(early)
+        if self._sent_close:  # close() ran before the socket was ours: its frame was in `early`
+            self._after_close_frame(transport)
+        elif self._buffer:
             self._process()
 
     def data_received(self, data: bytes) -> None:
-        self._buffer = self._buffer + data if self._buffer else data
+        if self._buffer:
+            self._buffer += data  # a bytearray, unless this is a second chunk while busy
+        else:
+            self._buffer = data
         if not self._busy:
             self._process()
+        elif self._transport is not None:
+            self._transport.pause_reading()  # a message waits for Redis: the client waits too
 
     def eof_received(self) -> bool | None:
-        return None  # the client half-closed: close our side too
+        self._arm_abort()  # the client half-closed: close our side too, flushing at most CLOSE_TIMEOUT_S
+        return None
 
     def pause_writing(self) -> None:
         pass
@@ -122,7 +163,7 @@ class FrameProtocol(asyncio.Protocol):
             self._close_timer.cancel()
             self._close_timer = None
         self._sent_close = self._got_close = True
-        self._buffer = b""
+        self._buffer, self._early, self._fragments = b"", None, None
         self.resume_writing()  # "drained" waiters learn the socket is gone
         sink, self._sink = self._sink, None
         if sink is not None:
@@ -131,10 +172,18 @@ class FrameProtocol(asyncio.Protocol):
     # --- the connection's Transport (see connection.py) ----------------------------------------
 
     def write_frame(self, data: str | bytes) -> bool:
-        transport = self._transport
-        if self._sent_close or transport is None or transport.is_closing():
+        if self._sent_close:
             return False
-        transport.write(frame(OP_TEXT, data.encode() if isinstance(data, str) else data))
+        encoded = frame(OP_TEXT, data.encode() if isinstance(data, str) else data)
+        transport = self._transport
+        if transport is None:
+            if self._early is None:
+                return False
+            self._early.append(encoded)
+            return True
+        if transport.is_closing():
+            return False
+        transport.write(encoded)
         return True
 
     def close_transport(self, code: int, reason: str) -> None:
@@ -143,15 +192,24 @@ class FrameProtocol(asyncio.Protocol):
     def close(self, code: int | None = None, reason: str = "") -> None:
         """Start the closing handshake (or finish it, if the client started it)."""
         transport = self._transport
-        if transport is None:
+        if transport is None:  # not connected yet: connection_made sends it
+            if self._early is not None and not self._sent_close:
+                self._early.append(frame(OP_CLOSE, close_payload(code, reason)))
+                self._sent_close = True
             return
         if not self._sent_close:
             self._sent_close = True
             if not transport.is_closing():
                 transport.write(frame(OP_CLOSE, close_payload(code, reason)))
+        self._after_close_frame(transport)
+
+    def _after_close_frame(self, transport: asyncio.Transport) -> None:
         if self._got_close:
             transport.close()  # flushes what is queued, then closes
-        elif self._close_timer is None:
+        self._arm_abort()  # a client that neither answers nor reads is dropped after CLOSE_TIMEOUT_S
+
+    def _arm_abort(self) -> None:
+        if self._close_timer is None and self._transport is not None:
             self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self.abort)
 
     def abort(self) -> None:
@@ -159,13 +217,17 @@ class FrameProtocol(asyncio.Protocol):
             self._transport.abort()
 
     def is_closing(self) -> bool:
-        return self._sent_close or self._transport is None or self._transport.is_closing()
+        return self._sent_close or (self._transport is not None and self._transport.is_closing())
 
     def buffered_bytes(self) -> int:
-        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+        if self._transport is None:
+            return sum(map(len, self._early)) if self._early else 0
+        return self._transport.get_write_buffer_size()
 
     def on_drained(self, callback: Callable[[], None]) -> None:
-        if self.buffered_bytes() == 0 or self._transport is None or self._transport.is_closing():
+        transport = self._transport
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size() == 0:
+            # Not connected yet (what was queued goes out first thing) or nothing is queued.
             callback()
         elif self._drain_waiters is None:
             self._drain_waiters = [callback]
@@ -204,10 +266,18 @@ class FrameProtocol(asyncio.Protocol):
             start = pos + header + 4
             if end - start < length:
                 break
-            payload = _websocket_mask(buf[pos + header:start], buf[start:start + length])
+            payload = _websocket_mask(bytes(buf[pos + header:start]), bytes(buf[start:start + length]))
             pos = start + length
             self._frame(opcode, bool(first & FIN), payload)
-        self._buffer = buf[pos:] if pos < end else b""
+        if self._got_close:
+            self._buffer = b""
+        elif pos == 0:
+            if end and not isinstance(buf, bytearray):
+                self._buffer = bytearray(buf)
+        elif pos < end:
+            self._buffer = bytearray(buf[pos:])
+        else:
+            self._buffer = b""
         if self._busy and self._buffer and self._transport is not None:
             self._transport.pause_reading()
 
@@ -269,22 +339,23 @@ class FrameProtocol(asyncio.Protocol):
         self._busy = False
         if not done.cancelled() and done.exception() is not None:
             log.error("on_message failed", exc_info=done.exception())
-        if self._transport is None or self._got_close:
+        transport = self._transport
+        if transport is None or self._got_close:
             return
         if self._buffer:
             self._process()
-        if not self._busy and not self._transport.is_closing():
-            self._transport.resume_reading()
+        if not self._busy and not transport.is_closing():
+            transport.resume_reading()
 
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == OP_CLOSE:
+            problem = close_problem(payload)
+            if problem is not None:
+                self._fail(*problem)
+                return
             self._got_close = True
-            code: int | None = None
-            reason = ""
-            if len(payload) >= 2:
-                code = int.from_bytes(payload[:2], "big")
-                reason = payload[2:].decode("utf-8", "replace")
-            self._close_code, self._close_reason = code, reason
+            code = int.from_bytes(payload[:2], "big") if payload else None
+            self._close_code, self._close_reason = code, payload[2:].decode("utf-8") if payload else ""
             self.close(code)  # echo the client's code (RFC 6455 5.5.1), then close the socket
         elif opcode == OP_PING:
             self._pong(payload)
@@ -314,34 +385,35 @@ class FrameProtocol(asyncio.Protocol):
         self.close(code, reason)
 
 
-async def hand_over(stream: IOStream, protocol_factory: Callable[[bytes], FrameProtocol]) -> bool:
-    """Move an upgraded socket from its Tornado IOStream to a `FrameProtocol`.
+async def hand_over(stream: IOStream, adopt: Callable[[], FrameProtocol]) -> bool:
+    """Move an upgraded socket from its Tornado IOStream to the `FrameProtocol` that `adopt` makes.
 
-    False (and the stream left as it was) when it cannot be done: TLS, a stream
-    already closed, or a loop that cannot adopt a socket. Bytes the client sent
-    right after the upgrade, already read into the IOStream, are handed over too.
+    False (and the stream left to Tornado) when it cannot be done: TLS, or a stream already
+    closed. Otherwise the protocol owns the connection from the moment `adopt` returns: what the
+    gateway writes meanwhile queues in it, behind whatever Tornado still had to flush, and a
+    socket lost during the hand-over reaches the handler as the protocol's connection_lost.
     """
-    if isinstance(stream, SSLIOStream) or stream.closed():
+    if isinstance(stream, SSLIOStream) or stream.closed() or stream.socket is None:
         return False
+    stream.set_close_callback(None)  # Tornado's WebSocket protocol is done with this stream
+    protocol = adopt()
     try:
         if stream.writing():
             await stream.write(b"")  # resolves once the 101 and `connected` reached the socket
+        sock = stream.socket
+        if stream.closed() or sock is None:
+            raise StreamClosedError()
+        protocol.received_before(bytes(stream._read_buffer[:stream._read_buffer_size]))
+        stream.io_loop.remove_handler(sock.fileno())
+        adopted = socket.socket(fileno=sock.detach())
+        stream.close()  # the IOStream's socket object no longer owns the descriptor: nothing is closed
     except StreamClosedError:
-        return False
-    sock = stream.socket
-    if stream.closed() or sock is None:
-        return False
-    pending = bytes(stream._read_buffer[:stream._read_buffer_size])
-    stream.set_close_callback(None)
-    stream.io_loop.remove_handler(sock.fileno())
-    adopted = socket.socket(fileno=sock.detach())
-    stream.close()  # the IOStream's socket object no longer owns the descriptor: nothing is closed
-    protocol = protocol_factory(pending)
-    try:
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, adopted)
-    except (OSError, RuntimeError):
-        log.debug("could not adopt an upgraded socket", exc_info=True)
-        adopted.close()
         protocol.connection_lost(None)
         return True
+    try:
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, adopted)
+    except Exception:
+        log.warning("could not adopt an upgraded socket", exc_info=True)
+        adopted.close()
+        protocol.connection_lost(None)
     return True
