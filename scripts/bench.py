@@ -8,6 +8,11 @@ description, the commands and the ratios. Hand-written text outside the generate
     python scripts/bench.py --quick          # ~2 minutes: 3,000 connections, short steps
     python scripts/bench.py                  # full: 20K users on 2 processes, stepped fan-out/upstream
     python scripts/bench.py --hold-100k      # 100,000 connections, PROCESSES=6, 5 minutes
+    python scripts/bench.py --baseline 8569bb8   # also an older commit of the gateway, in the same runs
+
+Repeats are interleaved (gateway, socketio, gateway, ...) so that a machine getting busier or
+quieter during a run shifts every server alike, and a fixed pure-Python workload is timed before
+and after ("calibration") so that sections written on different days can be put side by side.
 """
 
 from __future__ import annotations
@@ -40,11 +45,12 @@ if str(ROOT) not in sys.path:
 
 from scripts.loadgen import RunReport, StepReport  # noqa: E402 - needs ROOT on sys.path when run as a file
 
-Server = Literal["gateway", "socketio"]
+Server = Literal["gateway", "socketio", "baseline"]
 SECRET = "bench-secret-0123456789abcdef-0123456789abcdef"
 REDIS_URL = "redis://127.0.0.1:6379"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 LATENCY_RULE_MS = 50.0
+BASELINE_DIR = Path(tempfile.gettempdir()) / "tornado-gateway-bench-baseline"
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class Scenario:
 class Outcome:
     scenario: Scenario
     server: Server
+    label: str  # how the tables name the server ("baseline (8569bb8)")
     runs: list[RunReport] = field(default_factory=list)
 
 
@@ -116,11 +123,13 @@ def start_server(kind: Server, processes: int) -> RunningServer:
     env = {**os.environ, "JWT_SECRET": SECRET, "REDIS_URL": REDIS_URL, "REDIS_PREFIX": prefix, "PORT": str(port),
            "BIND_ADDRESS": "127.0.0.1", "STATSD_HOST": "", "HEARTBEAT_INTERVAL": "30", "HEARTBEAT_TIMEOUT": "75",
            "LOG_LEVEL": "WARNING", "PROCESSES": str(processes), "PYTHONUNBUFFERED": "1"}
-    command = ([sys.executable, "-m", "tornado_gateway"] if kind == "gateway"
+    command = ([sys.executable, "-m", "tornado_gateway"] if kind != "socketio"
                else [sys.executable, str(ROOT / "scripts" / "socketio_server.py")])
     log_path = Path(tempfile.mkstemp(prefix=f"bench-{kind}-", suffix=".log")[1])
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        # `-m` puts the working directory first on sys.path: the baseline runs its own checkout's code.
+        proc = subprocess.Popen(command, env=env, cwd=BASELINE_DIR if kind == "baseline" else ROOT, stdout=log,
+                                stderr=subprocess.STDOUT)
     server = RunningServer(kind, proc, port, prefix, log_path)
     wait_ready(server, processes)
     return server
@@ -172,9 +181,13 @@ def stop_server(server: RunningServer) -> None:
 # running
 # --------------------------------------------------------------------------------------------
 
+def flavor(kind: Server) -> str:
+    return "socketio" if kind == "socketio" else "gateway"
+
+
 def loadgen_command(scenario: Scenario, server: RunningServer, json_path: Path) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / "loadgen.py"), "--url", f"ws://127.0.0.1:{server.port}",
-            "--flavor", server.kind, "--secret", SECRET, "--prefix", server.prefix, "--redis", REDIS_URL,
+            "--flavor", flavor(server.kind), "--secret", SECRET, "--prefix", server.prefix, "--redis", REDIS_URL,
             "--server-pid", str(server.proc.pid), "-c", str(scenario.connections), "--json", str(json_path),
             *scenario.loadgen_args]
 
@@ -196,15 +209,46 @@ def run_once(scenario: Scenario, kind: Server) -> RunReport:
         json_path.unlink(missing_ok=True)
 
 
-def run_all(scenarios: list[Scenario], repeats: int) -> list[Outcome]:
+def run_all(scenarios: list[Scenario], repeats: int, labels: dict[Server, str]) -> list[Outcome]:
     outcomes: list[Outcome] = []
     for scenario in scenarios:
-        for kind in scenario.servers:
-            outcome = Outcome(scenario, kind)
-            for _ in range(repeats):
+        by_kind = {kind: Outcome(scenario, kind, labels.get(kind, kind)) for kind in scenario.servers}
+        for _ in range(repeats):
+            for kind, outcome in by_kind.items():
                 outcome.runs.append(run_once(scenario, kind))
-            outcomes.append(outcome)
+        outcomes.extend(by_kind.values())
     return outcomes
+
+
+def calibrate(rounds: int = 5) -> float:
+    """Milliseconds for a fixed pure-Python workload (JSON, dicts, arithmetic), median of `rounds`:
+    how fast this machine was during the run. Figures from sections written at different times
+    compare only after dividing by it."""
+    document = {"type": "driver_location", "payload": {"driverId": "d-1", "lat": 12.97, "lng": 77.59,
+                                                       "heading": 90, "speed": 8.5}}
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        total = 0
+        for n in range(20_000):
+            total += len(json.loads(json.dumps(document))["payload"]) + n * n % 7
+        times.append((time.perf_counter() - started) * 1000.0)
+    return median(times)
+
+
+def make_baseline(ref: str) -> str:
+    """A detached checkout of `ref` next to this one; returns its short commit id."""
+    subprocess.run(["git", "worktree", "remove", "--force", str(BASELINE_DIR)], cwd=ROOT, capture_output=True,
+                   check=False)
+    subprocess.run(["git", "worktree", "add", "--detach", "--force", str(BASELINE_DIR), ref], cwd=ROOT, check=True,
+                   capture_output=True)
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BASELINE_DIR, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def remove_baseline() -> None:
+    subprocess.run(["git", "worktree", "remove", "--force", str(BASELINE_DIR)], cwd=ROOT, capture_output=True,
+                   check=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +294,7 @@ def step_passes(step: StepReport, cpu_budget_us: float | None) -> bool:
 # markdown
 # --------------------------------------------------------------------------------------------
 
-def machine_description() -> str:
+def machine_description(calibration: tuple[float, float]) -> str:
     def sh(*command: str) -> str:
         try:
             return subprocess.run(command, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -266,6 +310,8 @@ def machine_description() -> str:
         f"open files per process: {sh('sh', '-c', 'ulimit -Hn')}; kernel {platform.release()}",
         f"- Redis: {redis.Redis.from_url(REDIS_URL).info('server').get('redis_version', '?')} on 127.0.0.1:6379 "
         "(the same box)",
+        f"- calibration (`bench.calibrate`, a fixed pure-Python workload; lower is a faster machine): "
+        f"{calibration[0]:.0f} ms before the runs, {calibration[1]:.0f} ms after",
     ])
 
 
@@ -280,7 +326,7 @@ def summary_rows(outcomes: list[Outcome]) -> list[str]:
     for o in outcomes:
         runs = o.runs
         rows.append(
-            f"| {o.scenario.name} | {o.server} (P={o.scenario.processes}) | "
+            f"| {o.scenario.name} | {o.label} (P={o.scenario.processes}) | "
             f"{med(runs, lambda r: r['connect']['connected']):.0f}/{o.scenario.connections} | "
             f"{med(runs, lambda r: r['connect']['rate_per_s']):.0f} | "
             f"{med(runs, lambda r: r['connect']['gateway_ms_per_conn']):.3f} | "
@@ -302,7 +348,7 @@ def step_rows(outcomes: list[Outcome]) -> list[str]:
             s = median_step(o.runs, kind, rate)
             if s is None:
                 continue
-            rows.append(f"| {o.scenario.name} | {kind} | {rate} | {o.server} | {s['delivered_per_s']:.0f} | "
+            rows.append(f"| {o.scenario.name} | {kind} | {rate} | {o.label} | {s['delivered_per_s']:.0f} | "
                         f"{s['lost']:.0f} | {s['p50_ms']} | {s['p99_ms']} | {s['max_ms']} | "
                         f"{s['gateway_us_per_msg']} | {s['gateway_cpu_pct']} | {s['loadgen_cpu_pct']} | "
                         f"{s['driver_cpu_pct']} |")
@@ -320,35 +366,48 @@ def best_rate(o: Outcome, kind: str, cpu_budget_us: float | None) -> tuple[int, 
 
 
 def ratio_rows(outcomes: list[Outcome]) -> list[str]:
-    rows = ["| scenario | metric | tornado-gateway | python-socketio | ratio |", "| --- | --- | ---: | ---: | ---: |"]
+    """tornado-gateway against each other server of the same scenario; ratio > 1 favours the gateway."""
+    rows = ["| scenario | metric | tornado-gateway | compared with | its value | ratio |",
+            "| --- | --- | ---: | --- | ---: | ---: |"]
     by_name: dict[str, dict[Server, Outcome]] = {}
     for o in outcomes:
         by_name.setdefault(o.scenario.name, {})[o.server] = o
-    for name, pair in by_name.items():
-        g, s = pair.get("gateway"), pair.get("socketio")
-        if g is None or s is None:
+    for name, group in by_name.items():
+        g = group.get("gateway")
+        if g is None:
             continue
-        metrics: list[tuple[str, Callable[[RunReport], float], bool]] = [
-            ("RSS KB/conn (lower is better)", lambda r: r["hold"]["rss_per_conn_kb"], False),
-            ("idle CPU % (lower is better)", lambda r: r["hold"]["gateway_cpu_pct"], False),
-            ("server ms per new connection (lower is better)", lambda r: r["connect"]["gateway_ms_per_conn"], False),
-        ]
-        for label, pick, _ in metrics:
-            a, b = med(g.runs, pick), med(s.runs, pick)
-            rows.append(f"| {name} | {label} | {a:.2f} | {b:.2f} | socketio/gateway {ratio(b, a)} |")
-        for kind in ("publish", "http", "upstream"):
-            ga, gs = best_rate(g, kind, None)
-            sa, ss = best_rate(s, kind, None)
-            if gs is None and ss is None:
-                continue
-            rows.append(f"| {name} | best {kind} step with zero loss and p99 < 50 ms (msg/s) | {ga} | {sa} | "
-                        f"gateway/socketio {ratio(ga, sa)} |")
-            for (k2, rate) in step_keys(g.runs):
-                gstep, sstep = median_step(g.runs, k2, rate), median_step(s.runs, k2, rate)
-                if k2 == kind and gstep is not None and sstep is not None:
-                    rows.append(f"| {name} | {kind} {rate}/s: server us per message | {gstep['gateway_us_per_msg']} "
-                                f"| {sstep['gateway_us_per_msg']} | socketio/gateway "
-                                f"{ratio(sstep['gateway_us_per_msg'], gstep['gateway_us_per_msg'])} |")
+        for other in (group.get("baseline"), group.get("socketio")):
+            if other is not None:
+                rows.extend(comparison_rows(name, g, other))
+    return rows
+
+
+def comparison_rows(name: str, g: Outcome, o: Outcome) -> list[str]:
+    rows = []
+    metrics: list[tuple[str, Callable[[RunReport], float]]] = [
+        ("RSS KB/conn (lower is better)", lambda r: r["hold"]["rss_per_conn_kb"]),
+        ("idle CPU % (lower is better)", lambda r: r["hold"]["gateway_cpu_pct"]),
+        ("server ms per new connection (lower is better)", lambda r: r["connect"]["gateway_ms_per_conn"]),
+    ]
+    for label, pick in metrics:
+        a, b = med(g.runs, pick), med(o.runs, pick)
+        rows.append(f"| {name} | {label} | {a:.2f} | {o.label} | {b:.2f} | {ratio(b, a)} |")
+    for kind in ("publish", "http", "upstream"):
+        ga, gs = best_rate(g, kind, None)
+        oa, os_ = best_rate(o, kind, None)
+        if gs is None and os_ is None:
+            continue
+        rows.append(f"| {name} | best {kind} step with zero loss and p99 < 50 ms (msg/s, higher is better) | {ga} | "
+                    f"{o.label} | {oa} | {ratio(ga, oa)} |")
+        for (k2, rate) in step_keys(g.runs):
+            gstep, ostep = median_step(g.runs, k2, rate), median_step(o.runs, k2, rate)
+            if k2 == kind and gstep is not None and ostep is not None:
+                theirs = (f"{ostep['gateway_us_per_msg']}", ratio(ostep['gateway_us_per_msg'],
+                                                                  gstep['gateway_us_per_msg']))
+                if not ostep["delivered_per_s"]:
+                    theirs = ("nothing delivered", "-")
+                rows.append(f"| {name} | {kind} {rate}/s: server us per message | {gstep['gateway_us_per_msg']} | "
+                            f"{o.label} | {theirs[0]} | {theirs[1]} |")
     return rows
 
 
@@ -404,18 +463,19 @@ def target_rows(outcomes: list[Outcome]) -> list[str]:
     return rows
 
 
-def section(mode: str, outcomes: list[Outcome], repeats: int, argv: Sequence[str]) -> str:
+def section(mode: str, outcomes: list[Outcome], repeats: int, argv: Sequence[str],
+            calibration: tuple[float, float]) -> str:
     parts = [
         f"### Results: `{mode}` (generated by `python scripts/bench.py {' '.join(argv)}`, "
         f"median of {repeats} run(s) per server)",
         "",
-        machine_description(),
+        machine_description(calibration),
         "",
         "Loadgen commands (the bench starts each server with a fresh `REDIS_PREFIX`, `HEARTBEAT_INTERVAL=30`, "
         "`HEARTBEAT_TIMEOUT=75`, `LOG_LEVEL=WARNING`; socket.io uses Engine.IO ping 25 s / timeout 30 s):",
         "",
         "```",
-        *sorted({f"loadgen.py -c {o.scenario.connections} --flavor {o.server} "
+        *sorted({f"loadgen.py -c {o.scenario.connections} --flavor {flavor(o.server)} "
                  f"{' '.join(o.scenario.loadgen_args)}  # PROCESSES={o.scenario.processes}" for o in outcomes}),
         "```",
         "",
@@ -427,7 +487,8 @@ def section(mode: str, outcomes: list[Outcome], repeats: int, argv: Sequence[str
         "",
         *step_rows(outcomes),
         "",
-        "#### Ratios",
+        "#### Ratios (each figure of the other server divided by the gateway's, or the gateway's rate by "
+        "the other's: above 1 favours the gateway)",
         "",
         *ratio_rows(outcomes),
         "",
@@ -462,6 +523,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     mode.add_argument("--hold-100k", action="store_true", help="the 100,000-connection hold (gateway only by default)")
     parser.add_argument("--repeats", type=int, default=0, help="runs per server (default: 3 full, 1 quick/100k)")
     parser.add_argument("--servers", default="", help="comma list of gateway,socketio (default: both; 100k: gateway)")
+    parser.add_argument("--baseline", default="", metavar="REF",
+                        help="also run this git commit of the gateway (a temporary worktree), in the same runs")
     parser.add_argument("--hold-seconds", type=float, default=300.0, help="--hold-100k: seconds to hold")
     parser.add_argument("--connections", type=int, default=100_000, help="--hold-100k: connections")
     parser.add_argument("--processes", type=int, default=6, help="--hold-100k: PROCESSES of the server")
@@ -474,6 +537,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     default: tuple[Server, ...] = ("gateway",) if args.hold_100k else ("gateway", "socketio")
     servers = cast(tuple[Server, ...], tuple(s for s in args.servers.split(",") if s) or default)
+    labels: dict[Server, str] = {"gateway": "gateway", "socketio": "socketio"}
+    if args.baseline:
+        labels["baseline"] = f"baseline ({make_baseline(args.baseline)})"
+        servers = ("gateway", "baseline", *(s for s in servers if s not in ("gateway", "baseline")))
     if args.quick:
         mode, scenarios, repeats = "quick", quick_scenarios(servers), args.repeats or 1
     elif args.hold_100k:
@@ -481,8 +548,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         scenarios = hold_100k_scenarios(servers, args.hold_seconds, args.connections, args.processes)
     else:
         mode, scenarios, repeats = "full", full_scenarios(servers), args.repeats or 3
-    outcomes = run_all(scenarios, repeats)
-    text = section(mode, outcomes, repeats, argv)
+    before = calibrate()
+    try:
+        outcomes = run_all(scenarios, repeats, labels)
+    finally:
+        if args.baseline:
+            remove_baseline()
+    text = section(mode, outcomes, repeats, argv, (before, calibrate()))
     if args.no_write:
         print(text)
     else:

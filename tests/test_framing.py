@@ -7,11 +7,13 @@ violations. docs/PROTOCOL.md lists the close codes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import zlib
 from collections.abc import Iterator
 
 import pytest
+import redis.asyncio
 
 from tests.helpers import GatewayProcess, RawSocketClient, client_frame, make_token, unique
 
@@ -47,6 +49,43 @@ async def test_frames_sent_together_with_the_upgrade_request_are_answered(gatewa
     reply = client.read_json()
     assert (reply["type"], reply["payload"]) == ("ack", {"id": "early-1"})
     client.close()
+
+
+async def test_messages_published_while_a_connection_is_set_up_arrive_in_order_without_gaps(
+        gateway: GatewayProcess, redis_url: str, prefix: str) -> None:
+    """The socket changes hands (Tornado's stream -> FrameProtocol) right after `connected`: messages
+    published around that moment must neither be lost nor reordered."""
+    publisher = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        for _ in range(5):
+            user = unique()
+            channel = f"{prefix}:user:{user}"
+            stop = asyncio.Event()
+
+            async def pump(channel: str, stop: asyncio.Event) -> None:
+                n = 0
+                while not stop.is_set():
+                    await publisher.publish(channel, json.dumps({"type": "notification",
+                                                                 "payload": {"title": str(n), "body": "b"}}))
+                    n += 1
+
+            pumping = asyncio.create_task(pump(channel, stop))
+            client = await asyncio.to_thread(RawSocketClient, gateway.port, make_token(user, "rider"), "rider", "d1")
+            assert (await asyncio.to_thread(client.read_json))["type"] == "connected"
+            await asyncio.sleep(0.2)
+            stop.set()
+            await pumping
+            await publisher.publish(channel, json.dumps({"type": "notification",
+                                                         "payload": {"title": "end", "body": "b"}}))
+            titles: list[str] = []
+            while not titles or titles[-1] != "end":
+                titles.append((await asyncio.to_thread(client.read_json))["payload"]["title"])
+            numbers = [int(t) for t in titles[:-1]]
+            assert numbers, "messages published after the subscription were delivered"
+            assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "no gap, no reordering"
+            client.close()
+    finally:
+        await publisher.aclose()
 
 
 async def test_a_message_fragmented_over_several_frames_is_reassembled(driver: RawSocketClient) -> None:

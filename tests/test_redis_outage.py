@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 
 import redis
@@ -151,3 +152,26 @@ async def test_new_connections_register_after_redis_restarted_empty(make_gateway
     await eventually(lambda: own_redis.client().hexists(f"{gateway.prefix}:presence:{user}", "fresh"))
     first.close()
     client.close()
+
+
+async def test_a_redis_that_stops_answering_fails_client_commands_with_unavailable_not_a_hang(
+        make_gateway, own_redis: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    gateway = make_gateway(url=own_redis.url)
+    client = await gateway.connect()
+    assert own_redis.proc is not None
+    own_redis.proc.send_signal(signal.SIGSTOP)  # the socket stays open; nothing answers
+    try:
+        started = time.monotonic()
+        client.send({"type": "location_update", "id": "loc-hung", "payload": HUNG_LOCATION})
+        reply = await client.recv("error", timeout=10)
+        waited = time.monotonic() - started
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+    assert reply["payload"]["code"] == "UNAVAILABLE"
+    assert reply["payload"]["ref"] == "loc-hung"
+    assert waited < 8.0, f"answered after {waited:.1f} s: commands time out after 5 s, checked every second"
+    client.close()
+
+
+HUNG_LOCATION = {"latitude": 12.97, "longitude": 77.59, "heading": 90, "speed": 8.5, "accuracy": 4,
+                 "timestamp": 1767000000000}

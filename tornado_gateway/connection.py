@@ -2,7 +2,8 @@
 
 Kept small (`__slots__`; heartbeats, stale and expiry checks are shared sweeps,
 the only per-connection timer is the grace of an expired token) because an
-instance holds tens of thousands of them; the Tornado handler behind it is reached only
+instance holds tens of thousands of them; the socket behind it (the Tornado
+handler during the upgrade, then ws_protocol.FrameProtocol) is reached only
 through the `Transport` protocol so that the hub and the heartbeats stay free
 of Tornado and can be tested without sockets.
 """
@@ -38,7 +39,7 @@ class Transport(Protocol):
 
 class Connection:
     __slots__ = ("connection_id", "identity", "transport", "last_seen", "opened_at", "closed", "close_code",
-                 "close_reason", "bucket", "remote_ip", "limiter", "expiry_timer", "coalesced")
+                 "close_reason", "bucket", "remote_ip", "limiter", "expiry_timer", "coalesced", "opening")
 
     def __init__(self, connection_id: str, identity: Identity, transport: Transport, remote_ip: str,
                  limiter: MessageLimiter | None = None) -> None:
@@ -55,6 +56,9 @@ class Connection:
         self.limiter = limiter
         self.expiry_timer: asyncio.TimerHandle | None = None  # set while an expired token is in its grace
         self.coalesced: dict[str, bytes] | None = None  # latest-wins frames held while the socket is congested
+        # Until `connected` is sent, what is sent waits here: a message for the user can arrive as soon
+        # as the user's channel is subscribed, and `connected` is always the first frame a client gets.
+        self.opening: list[str | bytes] | None = []
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
@@ -63,7 +67,17 @@ class Connection:
         """Queue a frame; never raises, so one dead socket cannot break a fan-out loop."""
         if self.closed:
             return False
+        if self.opening is not None:
+            self.opening.append(data)
+            return True
         return self.transport.write_frame(data)
+
+    def open_with(self, connected: str | bytes) -> None:
+        """Send `connected`, then whatever arrived for the client while it was being set up."""
+        held, self.opening = self.opening, None
+        self.send(connected)
+        for data in held or ():
+            self.send(data)
 
     def send_error(self, ids: IdGenerator, code: ErrorCode, message: str, ref: str | None = None) -> None:
         self.send(dumps(envelope("error", error_payload(code, message, ref), ids.next())))
@@ -72,6 +86,7 @@ class Connection:
         """Close with `code`; 4xxx codes are preceded by their error frame, as the contract promises."""
         if self.closed:
             return
+        self.opening = None  # refused before `connected`: held messages are not for a client being closed
         error = CLOSE_ERRORS.get(code)
         if error is not None:
             self.send_error(ids, error, message)

@@ -1,6 +1,6 @@
 """Outbound flow control: what happens when a client reads slower than messages arrive for it.
 
-Tornado queues whatever we write in the stream's buffer, so a client that
+The transport queues whatever we write in its buffer, so a client that
 stops reading would grow the instance's memory without bound. Past
 MAX_OUTBOUND_BUFFER bytes the client is closed (4503, documented). Before that,
 once the buffer is congested, latest-value-wins messages (`driver_location`

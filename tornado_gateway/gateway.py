@@ -167,7 +167,7 @@ class Gateway:
             "connectionId": conn.connection_id, "serverId": self.server_id, "userId": identity.user_id,
             "userType": identity.user_type, "deviceId": identity.device_id, "platform": identity.platform,
             "heartbeatInterval": int(self.settings.heartbeat_interval_s * 1000)}
-        conn.send(dumps(envelope("connected", payload, self.ids.next())))
+        conn.open_with(dumps(envelope("connected", payload, self.ids.next())))
         self.metrics.incr(m.CONNECTIONS_OPENED)
         log.info("opened %s user=%s type=%s device=%s platform=%s server=%s ip=%s", conn.connection_id,
                  identity.user_id, identity.user_type, identity.device_id, identity.platform, self.server_id,
