@@ -146,7 +146,7 @@ def http_ok(port: int, path: str) -> bool:
 
 def wait_ready(server: RunningServer, processes: int) -> None:
     """Every child listening (SO_REUSEPORT spreads connections, so a half-started set skews the run)."""
-    path = "/ready" if server.kind == "gateway" else "/stats"
+    path = "/stats" if server.kind == "socketio" else "/ready"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt
 import pytest
+from jwt.algorithms import HMACAlgorithm
 
 from tornado_gateway.auth import DeviceId, Identity, PreparedKeyHMAC, TokenVerifier, UserId, mint_token, token_decoder
 from tornado_gateway.config import DEV_JWT_SECRET, ConfigError, load_settings
 from tornado_gateway.connection import Connection
 from tornado_gateway.errors import ErrorCode, GatewayError, ValidationError
+from tornado_gateway.flow import FlowControl
 from tornado_gateway.heartbeat import MAX_BUCKETS, bucket_plan, is_stale
 from tornado_gateway.hub import Hub
 from tornado_gateway.messages import (
@@ -192,3 +195,65 @@ def test_token_verification_keeps_the_prepared_hmac_key() -> None:
     """Guards the handshake fast path: a PyJWT upgrade that drops the hook would silently slow it."""
     decoder = token_decoder(["HS256", "RS256"])
     assert isinstance(decoder._jws.get_algorithm_by_name("HS256"), PreparedKeyHMAC)
+
+
+class CongestedTransport(NullTransport):
+    """A socket with 100 KB queued whose drain callback fires at once (as when it just closed)."""
+
+    def __init__(self) -> None:
+        self.written: list[str | bytes] = []
+
+    def write_frame(self, data: str | bytes) -> bool:
+        self.written.append(data)
+        return True
+
+    def buffered_bytes(self) -> int:
+        return 100 * 1024
+
+    def on_drained(self, callback: Callable[[], None]) -> None:
+        callback()
+
+
+def test_a_latest_wins_frame_survives_a_drain_callback_that_fires_at_once() -> None:
+    transport = CongestedTransport()
+    c = Connection("c1", Identity(UserId("u"), "rider", DeviceId("d"), "ios", 0.0), transport, "127.0.0.1")
+    c.open_with(b"connected")
+    flow = FlowControl(max_buffer=1024 * 1024, on_slow=lambda _c: None, on_coalesced=lambda: None)
+    flow.deliver(c, b"position-1", "driver_location:d1")
+    assert transport.written == [b"connected", b"position-1"]
+    assert c.coalesced is None
+
+
+def test_frames_sent_before_connected_follow_it_in_order() -> None:
+    transport = CongestedTransport()
+    c = Connection("c1", Identity(UserId("u"), "rider", DeviceId("d"), "ios", 0.0), transport, "127.0.0.1")
+    c.send(b"early-1")
+    c.send(b"early-2")
+    assert transport.written == []
+    c.open_with(b"connected")
+    assert transport.written == [b"connected", b"early-1", b"early-2"]
+
+
+def test_a_prepared_hmac_key_is_kept_per_secret() -> None:
+    hs256 = PreparedKeyHMAC(HMACAlgorithm.SHA256)
+    assert hs256.prepare_key("a" * 40) == b"a" * 40
+    assert hs256.prepare_key("b" * 40) == b"b" * 40
+    assert hs256.prepare_key("a" * 40) == b"a" * 40
+
+
+def test_a_warm_verifier_does_not_make_another_secret_accept_its_tokens() -> None:
+    first = load_settings(env={"JWT_SECRET": "a" * 40})
+    second = load_settings(env={"JWT_SECRET": "b" * 40})
+    token = mint_token(first, "u1", "driver")
+    assert TokenVerifier(first).claims(token)["sub"] == "u1"
+    with pytest.raises(GatewayError, match="signature is invalid"):
+        TokenVerifier(second).claims(token)
+
+
+def test_only_the_configured_hmac_algorithms_are_accepted() -> None:
+    settings = load_settings(env={"JWT_SECRET": "k" * 64, "JWT_ALGORITHMS": "HS256,HS512"})
+    verifier = TokenVerifier(settings)
+    claims = {"sub": "u1", "userType": "driver", "exp": int(time.time()) + 60}
+    assert verifier.claims(jwt.encode(claims, "k" * 64, algorithm="HS512"))["sub"] == "u1"
+    with pytest.raises(GatewayError, match="algorithm is not allowed"):
+        verifier.claims(jwt.encode(claims, "k" * 64, algorithm="HS384"))

@@ -62,14 +62,18 @@ async def test_messages_published_while_a_connection_is_set_up_arrive_in_order_w
             channel = f"{prefix}:user:{user}"
             stop = asyncio.Event()
 
-            async def pump(channel: str, stop: asyncio.Event) -> None:
+            async def pump(channel: str, stop: asyncio.Event, reached: list[int]) -> None:
                 n = 0
                 while not stop.is_set():
-                    await publisher.publish(channel, json.dumps({"type": "notification",
-                                                                 "payload": {"title": str(n), "body": "b"}}))
+                    receivers = await publisher.publish(channel, json.dumps(
+                        {"type": "notification", "payload": {"title": str(n), "body": "b"}}))
+                    if receivers and not reached:
+                        reached.append(n)  # the first message the gateway was subscribed for
                     n += 1
+                    await asyncio.sleep(0.001)
 
-            pumping = asyncio.create_task(pump(channel, stop))
+            reached: list[int] = []
+            pumping = asyncio.create_task(pump(channel, stop, reached))
             client = await asyncio.to_thread(RawSocketClient, gateway.port, make_token(user, "rider"), "rider", "d1")
             assert (await asyncio.to_thread(client.read_json))["type"] == "connected"
             await asyncio.sleep(0.2)
@@ -81,7 +85,8 @@ async def test_messages_published_while_a_connection_is_set_up_arrive_in_order_w
             while not titles or titles[-1] != "end":
                 titles.append((await asyncio.to_thread(client.read_json))["payload"]["title"])
             numbers = [int(t) for t in titles[:-1]]
-            assert numbers, "messages published after the subscription were delivered"
+            assert reached and numbers, "messages were published after the subscription"
+            assert numbers[0] == reached[0], "the first message Redis delivered to the gateway reached the client"
             assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "no gap, no reordering"
             client.close()
     finally:

@@ -54,12 +54,14 @@ class FlowControl:
         conn.send(frame)
 
     def _hold(self, conn: Connection, key: str, frame: bytes) -> None:
-        if conn.coalesced is None:
-            conn.coalesced = {}
-            conn.transport.on_drained(lambda: self._flush(conn))
-        elif key in conn.coalesced:
+        held = conn.coalesced
+        if held is None:
+            conn.coalesced = {key: frame}
+            conn.transport.on_drained(lambda: self._flush(conn))  # may call back at once
+            return
+        if key in held:
             self._on_coalesced()  # an older value is superseded, never sent
-        conn.coalesced[key] = frame
+        held[key] = frame
 
     def _flush(self, conn: Connection) -> None:
         held, conn.coalesced = conn.coalesced, None

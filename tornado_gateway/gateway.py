@@ -154,13 +154,20 @@ class Gateway:
         conn = Connection(self.ids.next(), identity, transport, remote_ip, limiter)
         added = self.hub.add(conn)
         self.heartbeats.add(conn)
-        if added.replaced is not None:
-            self._replace(added.replaced)
-        if added.first_for_user:
-            await self.bus.subscribe_user(identity.user_id)
-        else:
-            await self.bus.subscription_ready(identity.user_id)  # no `connected` before messages can arrive
-        await self._register_presence(conn)
+        try:
+            if added.replaced is not None:
+                self._replace(added.replaced)
+            if added.first_for_user:
+                await self.bus.subscribe_user(identity.user_id)
+            else:
+                await self.bus.subscription_ready(identity.user_id)  # no `connected` before messages can arrive
+            await self._register_presence(conn)
+        except BaseException as exc:
+            # The handler never gets this connection, so nothing else would release it.
+            if not isinstance(exc, asyncio.CancelledError):
+                log.exception("connecting %s failed", conn.connection_id)
+            self.close_on_internal_error(conn)
+            raise
         if conn.closed:
             return conn
         payload: ConnectedPayload = {

@@ -131,12 +131,16 @@ class FrameProtocol(asyncio.Protocol):
         early, self._early = self._early, None
         if early:
             transport.writelines(early)
+        if self._drain_waiters is not None and transport.get_write_buffer_size() == 0:
+            self.resume_writing()  # waiters registered before the socket was ours, and it all went out
         if self._sent_close:  # close() ran before the socket was ours: its frame was in `early`
             self._after_close_frame(transport)
         elif self._buffer:
             self._process()
 
     def data_received(self, data: bytes) -> None:
+        if self._got_close:
+            return  # the client closed or broke the protocol: nothing more is read
         if self._buffer:
             self._buffer += data  # a bytearray, unless this is a second chunk while busy
         else:
@@ -226,10 +230,14 @@ class FrameProtocol(asyncio.Protocol):
 
     def on_drained(self, callback: Callable[[], None]) -> None:
         transport = self._transport
-        if transport is None or transport.is_closing() or transport.get_write_buffer_size() == 0:
-            # Not connected yet (what was queued goes out first thing) or nothing is queued.
+        if transport is None:
+            if self._early is None:  # lost during the hand-over
+                callback()
+                return
+        elif transport.is_closing() or transport.get_write_buffer_size() == 0:
             callback()
-        elif self._drain_waiters is None:
+            return
+        if self._drain_waiters is None:
             self._drain_waiters = [callback]
         else:
             self._drain_waiters.append(callback)
@@ -379,10 +387,23 @@ class FrameProtocol(asyncio.Protocol):
             self._pong(payload)
 
     def _fail(self, code: int, reason: str) -> None:
+        """Close frame, then a half-close. Closing the socket outright while unread client bytes are
+        still queued makes the kernel send a reset, which can destroy the close frame in flight; so
+        what the client still sends is read and discarded until it closes (or CLOSE_TIMEOUT_S)."""
         log.debug("closing WebSocket with %d: %s", code, reason)
-        self._got_close = True  # read nothing more from a client that broke the protocol
+        self._got_close = True
         self._close_code, self._close_reason = code, reason
-        self.close(code, reason)
+        transport = self._transport
+        if transport is None:
+            return
+        if not self._sent_close:
+            self._sent_close = True
+            transport.write(frame(OP_CLOSE, close_payload(code, reason)))
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+        self._arm_abort()
 
 
 async def hand_over(stream: IOStream, adopt: Callable[[], FrameProtocol]) -> bool:
@@ -399,7 +420,9 @@ async def hand_over(stream: IOStream, adopt: Callable[[], FrameProtocol]) -> boo
     protocol = adopt()
     try:
         if stream.writing():
-            await stream.write(b"")  # resolves once the 101 and `connected` reached the socket
+            # Resolves once the 101 and `connected` reached the socket; a client that does not read
+            # even those is given up on.
+            await asyncio.wait_for(stream.write(b""), CLOSE_TIMEOUT_S)
         sock = stream.socket
         if stream.closed() or sock is None:
             raise StreamClosedError()
@@ -407,7 +430,10 @@ async def hand_over(stream: IOStream, adopt: Callable[[], FrameProtocol]) -> boo
         stream.io_loop.remove_handler(sock.fileno())
         adopted = socket.socket(fileno=sock.detach())
         stream.close()  # the IOStream's socket object no longer owns the descriptor: nothing is closed
-    except StreamClosedError:
+    except Exception as exc:
+        if not isinstance(exc, (StreamClosedError, TimeoutError)):
+            log.warning("could not hand an upgraded socket over", exc_info=True)
+        stream.close()
         protocol.connection_lost(None)
         return True
     try:
