@@ -15,7 +15,7 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001  # instance shutting down: reconnect anywhere
-    MESSAGE_TOO_BIG = 1009  # sent by Tornado itself (websocket_max_message_size)
+    MESSAGE_TOO_BIG = 1009  # sent by ws_protocol.FrameProtocol (or Tornado, with compression on)
     INTERNAL_ERROR = 1011  # a bug: logged with the traceback, never detailed to the client
     TRY_AGAIN_LATER = 1013  # instance full or out of file descriptors
     INVALID_PARAMS = 4400
