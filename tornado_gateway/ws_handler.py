@@ -1,10 +1,12 @@
 """The `/ws` WebSocketHandler: thin glue between Tornado and the gateway.
 
-It also is the connection's `Transport`. Frames are written with the
+It does the upgrade and passes every message to `dispatch`. After `open()` the
+socket is normally handed to ws_protocol.FrameProtocol, which becomes the
+connection's `Transport`; until then (and for good with compression on) the
+handler is the Transport itself. On that path frames are written with the
 protocol's `_write_frame` rather than `write_message`, because the latter
 wraps every send in a new asyncio Task just to translate an exception we do
-not need; at tens of thousands of messages a second that Task is most of the
-cost of a send.
+not need.
 """
 
 from __future__ import annotations
