@@ -238,8 +238,7 @@ def calibrate(rounds: int = 5) -> float:
 
 def make_baseline(ref: str) -> str:
     """A detached checkout of `ref` next to this one; returns its short commit id."""
-    subprocess.run(["git", "worktree", "remove", "--force", str(BASELINE_DIR)], cwd=ROOT, capture_output=True,
-                   check=False)
+    remove_baseline()
     subprocess.run(["git", "worktree", "add", "--detach", "--force", str(BASELINE_DIR), ref], cwd=ROOT, check=True,
                    capture_output=True)
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BASELINE_DIR, capture_output=True, text=True,
@@ -411,6 +410,10 @@ def comparison_rows(name: str, g: Outcome, o: Outcome) -> list[str]:
     return rows
 
 
+def verdict(met: bool) -> str:
+    return "yes" if met else "NO"
+
+
 def target_rows(outcomes: list[Outcome]) -> list[str]:
     rows = ["| # | target | measured (tornado-gateway, medians) | met? |", "| --- | --- | --- | --- |"]
     gateway = {o.scenario.name: o for o in outcomes if o.server == "gateway"}
@@ -425,13 +428,13 @@ def target_rows(outcomes: list[Outcome]) -> list[str]:
         rows.append(f"| 1 | {hold.scenario.connections} held {med(r, lambda x: x['hold']['seconds']):.0f} s, "
                     f"P={hold.scenario.processes}: all connected, no 4408, RSS <= 1.2 GB | still connected "
                     f"{final:.0f}, server closes {closes} (4408: {timeouts}), total RSS {rss_mb:.0f} MB | "
-                    f"{'yes' if ok else 'NO'} |")
+                    f"{verdict(ok)} |")
         kb = med(r, lambda x: x["hold"]["rss_per_conn_kb"])
         rows.append(f"| 2 | <= 10 KB RSS per idle connection | {kb:.1f} KB (100K hold) | "
-                    f"{'yes' if kb <= 10 else 'NO'} |")
+                    f"{verdict(kb <= 10)} |")
         cpu = med(r, lambda x: x["hold"]["gateway_cpu_pct"])
         rows.append(f"| 3 | 100K idle with 30 s heartbeats <= 50% of one core | {cpu:.1f}% | "
-                    f"{'yes' if cpu <= 50 else 'NO'} |")
+                    f"{verdict(cpu <= 50)} |")
     publish = gateway.get("20k-publish")
     if publish is not None:
         s = median_step(publish.runs, "publish", 8000)
@@ -439,13 +442,13 @@ def target_rows(outcomes: list[Outcome]) -> list[str]:
             ok = step_passes(s, 60.0)
             rows.append(f"| 4a | PUBLISH fan-out 20K users, P=2: >= 8,000 msg/s, p99 < 50 ms, 0 loss, <= 60 us/msg | "
                         f"{s['delivered_per_s']:.0f}/s, p99 {s['p99_ms']} ms, lost {s['lost']:.0f}, "
-                        f"{s['gateway_us_per_msg']} us/msg | {'yes' if ok else 'NO'} |")
+                        f"{s['gateway_us_per_msg']} us/msg | {verdict(ok)} |")
         kb = med(publish.runs, lambda x: x["hold"]["rss_per_conn_kb"])
         if hold is None:
-            rows.append(f"| 2 | <= 10 KB RSS per idle connection | {kb:.1f} KB (20K) | {'yes' if kb <= 10 else 'NO'} |")
+            rows.append(f"| 2 | <= 10 KB RSS per idle connection | {kb:.1f} KB (20K) | {verdict(kb <= 10)} |")
         ms = med(publish.runs, lambda x: x["connect"]["gateway_ms_per_conn"])
         rows.append(f"| 5 | <= 0.5 ms server CPU per new connection | {ms:.3f} ms (20K at 2,000/s) | "
-                    f"{'yes' if ms <= 0.5 else 'NO'} |")
+                    f"{verdict(ms <= 0.5)} |")
     http = gateway.get("20k-http-upstream")
     if http is not None:
         s = median_step(http.runs, "http", 3000)
@@ -453,13 +456,13 @@ def target_rows(outcomes: list[Outcome]) -> list[str]:
             ok = step_passes(s, None)
             rows.append(f"| 4b | POST /broadcast >= 3,000 req/s, p99 < 50 ms, 0 loss | {s['delivered_per_s']:.0f}/s, "
                         f"p99 {s['p99_ms']} ms, lost {s['lost']:.0f}, {s['gateway_us_per_msg']} us/msg | "
-                        f"{'yes' if ok else 'NO'} |")
+                        f"{verdict(ok)} |")
         s = median_step(http.runs, "upstream", 6000)
         if s is not None:
             ok = step_passes(s, 80.0)
             rows.append(f"| 6 | upstream 20K drivers >= 6,000/s reach events, 0 loss, p99 < 50 ms, <= 80 us | "
                         f"{s['delivered_per_s']:.0f}/s, p99 {s['p99_ms']} ms, lost {s['lost']:.0f}, "
-                        f"{s['gateway_us_per_msg']} us/update | {'yes' if ok else 'NO'} |")
+                        f"{s['gateway_us_per_msg']} us/update | {verdict(ok)} |")
     return rows
 
 

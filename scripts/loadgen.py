@@ -849,6 +849,12 @@ class CpuWindow:
         return self.group.cpu_s() - self.cpu0, time.monotonic() - self.t0
 
 
+def stop_windows(windows: tuple[CpuWindow, CpuWindow, CpuWindow]) -> tuple[float, float, float, float]:
+    """(server, loadgen, driver) CPU seconds and the wall seconds of the server's window."""
+    (gw_cpu, wall), (lg_cpu, _), (dr_cpu, _) = (w.stop() for w in windows)
+    return gw_cpu, lg_cpu, dr_cpu, wall
+
+
 def percentile(sorted_values: list[int], fraction: float) -> float:
     if not sorted_values:
         return 0.0
@@ -1013,40 +1019,35 @@ class Coordinator:
                 "rss_baseline_mb": round(rss_baseline / 2**20, 1), "rss_mb": round(rss / 2**20, 1),
                 "rss_per_conn_kb": round((rss - rss_baseline) / 1024 / connected, 2) if connected else 0.0}
 
+    def step_windows(self) -> tuple[CpuWindow, CpuWindow, CpuWindow]:
+        """CPU of the server, the load generator and the driver (publisher or collector) over a step."""
+        return CpuWindow(self.server), CpuWindow(self.loadgen_group()), CpuWindow(self.driver_group())
+
     def fanout_step(self, via: Via, rate: int) -> StepReport:
         config = self.config
         tag = f"{via}{rate}r{random.randrange(1 << 30)}"
         assert self.helpers.publisher_pipe is not None
-        gateway = CpuWindow(self.server)
-        loadgen = CpuWindow(self.loadgen_group())
-        driver = CpuWindow(self.driver_group())
+        windows = self.step_windows()
         self.helpers.publisher_pipe.send(("run", via, rate, config.step_s, tag))
         if not self.helpers.publisher_pipe.poll(config.step_s + 30):
             raise RuntimeError("publisher did not finish its step")
         result: PublishResult = self.helpers.publisher_pipe.recv()
         time.sleep(DRAIN_GRACE_S)
-        gw_cpu, wall = gateway.stop()
-        lg_cpu, _ = loadgen.stop()
-        dr_cpu, _ = driver.stop()
+        cpu = stop_windows(windows)
         latencies = [v for reply in self.ask_workers(("latencies", tag), 30) for v in reply]
-        return self.step_report(via, rate, result.sent, result.accepted, result.no_receiver, latencies,
-                                (gw_cpu, lg_cpu, dr_cpu, wall))
+        return self.step_report(via, rate, result.sent, result.accepted, result.no_receiver, latencies, cpu)
 
     def upstream_step(self, rate: int) -> StepReport:
         config = self.config
         tag = f"up{rate}r{random.randrange(1 << 30)}"
         assert self.helpers.collector_pipe is not None
-        gateway = CpuWindow(self.server)
-        loadgen = CpuWindow(self.loadgen_group())
-        driver = CpuWindow(self.driver_group())
+        windows = self.step_windows()
         sent = sum(self.ask_workers(("upstream", rate / config.workers, config.step_s, tag), config.step_s + 30))
         time.sleep(DRAIN_GRACE_S)
-        gw_cpu, wall = gateway.stop()
-        lg_cpu, _ = loadgen.stop()
-        dr_cpu, _ = driver.stop()
+        cpu = stop_windows(windows)
         self.helpers.collector_pipe.send(("latencies", tag))
         latencies: list[int] = self.helpers.collector_pipe.recv()
-        return self.step_report("upstream", rate, sent, sent, 0, latencies, (gw_cpu, lg_cpu, dr_cpu, wall))
+        return self.step_report("upstream", rate, sent, sent, 0, latencies, cpu)
 
     def step_report(self, kind: str, rate: int, sent: int, accepted: int, no_receiver: int, latencies: list[int],
                     cpu: tuple[float, float, float, float]) -> StepReport:

@@ -112,12 +112,14 @@ class RespConnection:
 class _Link:
     """One connection and the commands in flight on it (they fail together if it dies)."""
 
-    __slots__ = ("conn", "pending", "sent_at", "watchdog")
+    __slots__ = ("conn", "pending", "waiting_since", "watchdog")
 
     def __init__(self, conn: RespConnection) -> None:
         self.conn = conn
         self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self.sent_at: collections.deque[float] = collections.deque()  # monotonic, one per pending command
+        # When the oldest command still pending started waiting: sent into an idle link, or the last
+        # reply (Redis answers in order, so nothing pending has waited longer than this).
+        self.waiting_since = 0.0
         self.watchdog: asyncio.TimerHandle | None = None
 
 
@@ -127,7 +129,7 @@ class PipelinedClient:
 
     A dead connection fails every command in flight on it with RedisUnavailable at once and is
     replaced on the next call, so an outage costs callers a fast error, not a hang. A silent one is
-    found by a watchdog that looks at the oldest command once a second, rather than by a timeout
+    found by a watchdog that looks once a second at how long commands have waited for a reply, rather than by a timeout
     per command (`asyncio.wait_for` costs a timer, a task and a future for every PUBLISH).
     """
 
@@ -146,8 +148,9 @@ class PipelinedClient:
         except ConnectionError as exc:
             self._fail(link, RedisUnavailable(str(exc)))
             raise RedisUnavailable(str(exc)) from None
+        if not link.pending:
+            link.waiting_since = time.monotonic()
         link.pending.append(future)
-        link.sent_at.append(time.monotonic())
         reply = await future
         if isinstance(reply, Exception):
             raise RedisReplyError(str(reply))
@@ -194,7 +197,7 @@ class PipelinedClient:
     def _watch(self, link: _Link) -> None:
         if self._link is not link:
             return
-        if link.sent_at and time.monotonic() - link.sent_at[0] > COMMAND_TIMEOUT_S:
+        if link.pending and time.monotonic() - link.waiting_since > COMMAND_TIMEOUT_S:
             self._fail(link, RedisUnavailable(f"Redis did not answer within {COMMAND_TIMEOUT_S:.0f} s"))
             return
         link.watchdog = asyncio.get_running_loop().call_later(WATCHDOG_INTERVAL_S, self._watch, link)
@@ -202,9 +205,10 @@ class PipelinedClient:
     async def _read(self, link: _Link) -> None:
         try:
             while True:
-                for reply in await link.conn.read_replies():
+                replies = await link.conn.read_replies()
+                link.waiting_since = time.monotonic()
+                for reply in replies:
                     future = link.pending.popleft()
-                    link.sent_at.popleft()
                     if not future.done():
                         future.set_result(reply)
         except asyncio.CancelledError:
@@ -219,7 +223,6 @@ class PipelinedClient:
         if link.watchdog is not None:
             link.watchdog.cancel()
             link.watchdog = None
-        link.sent_at.clear()
         pending, link.pending = link.pending, collections.deque()
         for future in pending:
             if not future.done():

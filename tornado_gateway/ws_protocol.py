@@ -178,16 +178,19 @@ class FrameProtocol(asyncio.Protocol):
     def write_frame(self, data: str | bytes) -> bool:
         if self._sent_close:
             return False
-        encoded = frame(OP_TEXT, data.encode() if isinstance(data, str) else data)
+        return self._emit(frame(OP_TEXT, data.encode() if isinstance(data, str) else data))
+
+    def _emit(self, data: bytes) -> bool:
+        """Write, or queue until connection_made while the socket is being handed over."""
         transport = self._transport
         if transport is None:
             if self._early is None:
                 return False
-            self._early.append(encoded)
+            self._early.append(data)
             return True
         if transport.is_closing():
             return False
-        transport.write(encoded)
+        transport.write(data)
         return True
 
     def close_transport(self, code: int, reason: str) -> None:
@@ -195,17 +198,11 @@ class FrameProtocol(asyncio.Protocol):
 
     def close(self, code: int | None = None, reason: str = "") -> None:
         """Start the closing handshake (or finish it, if the client started it)."""
-        transport = self._transport
-        if transport is None:  # not connected yet: connection_made sends it
-            if self._early is not None and not self._sent_close:
-                self._early.append(frame(OP_CLOSE, close_payload(code, reason)))
-                self._sent_close = True
-            return
         if not self._sent_close:
             self._sent_close = True
-            if not transport.is_closing():
-                transport.write(frame(OP_CLOSE, close_payload(code, reason)))
-        self._after_close_frame(transport)
+            self._emit(frame(OP_CLOSE, close_payload(code, reason)))
+        if self._transport is not None:  # otherwise connection_made finishes the close
+            self._after_close_frame(self._transport)
 
     def _after_close_frame(self, transport: asyncio.Transport) -> None:
         if self._got_close:
@@ -393,12 +390,12 @@ class FrameProtocol(asyncio.Protocol):
         log.debug("closing WebSocket with %d: %s", code, reason)
         self._got_close = True
         self._close_code, self._close_reason = code, reason
+        if not self._sent_close:
+            self._sent_close = True
+            self._emit(frame(OP_CLOSE, close_payload(code, reason)))
         transport = self._transport
         if transport is None:
             return
-        if not self._sent_close:
-            self._sent_close = True
-            transport.write(frame(OP_CLOSE, close_payload(code, reason)))
         if transport.can_write_eof():
             transport.write_eof()
         else:
