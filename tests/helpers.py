@@ -55,15 +55,19 @@ def unique(prefix: str = "u") -> str:
 class RedisServer:
     """A redis-server owned by one test, so the test may stop and restart it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, persistent: bool = False) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        # Persistent: an append-only file synced on every write, so a restart brings back what was there.
+        self.data_dir = tempfile.mkdtemp(prefix="redis-test-") if persistent else None
 
     def start(self) -> None:
+        storage = ["--dir", self.data_dir, "--appendonly", "yes", "--appendfsync", "always", "--save", ""] \
+            if self.data_dir else ["--save", "", "--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", *storage],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -79,6 +83,10 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
+
+    def remove_data(self) -> None:
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)

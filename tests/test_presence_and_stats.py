@@ -18,8 +18,9 @@ async def test_presence_entry_is_written_on_connect_with_the_contract_fields(gat
     client = await gateway.connect(user_type="rider", device_id="pixel-8", platform="android")
     entry = json.loads(redis_client.hget(f"{prefix}:presence:{client.user_id}", "pixel-8"))
     assert entry == {"serverId": gateway.server_id, "connectionId": client.connection_id, "userType": "rider",
-                     "platform": "android", "connectedAt": entry["connectedAt"]}
+                     "platform": "android", "connectedAt": entry["connectedAt"], "stamp": entry["stamp"]}
     assert before - 1000 <= entry["connectedAt"] <= int(time.time() * 1000)
+    assert entry["stamp"] // 1000 == entry["connectedAt"]  # the ordering stamp: microseconds of the same instant
     client.close()
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import gc
 import logging
 import resource
+import secrets
 import time
 from typing import Any, TypedDict
 
@@ -35,12 +36,12 @@ from .hub import Hub
 from .limits import ConnectLimiter, MessageLimiter
 from .messages import ConnectedPayload, IdGenerator, dumps, envelope, validate_service_message
 from .metrics import Metrics
-from .presence import DeviceLimitReached, Presence, ServerStats, uptime_s
+from .presence import DeviceLimitReached, Presence, Registration, ServerStats, uptime_s
 
 log = logging.getLogger(__name__)
 
 METRICS_FLUSH_MS = 1000.0
-RESYNC_ATTEMPTS = 8
+RESYNC_LOG_EVERY = 15  # attempts between two warnings while Redis keeps failing
 FD_RESERVE = 512  # descriptors kept for Redis, logs and sockets between accept() and refusal
 
 
@@ -83,7 +84,9 @@ class Gateway:
         self.bus = bus
         self.metrics = metrics
         self.hub = Hub()
-        self.ids = IdGenerator(settings.server_id)
+        # Ids carry this run's own token: a restarted process that keeps its SERVER_ID (a PROCESSES child)
+        # must not reuse the connection and message ids of its previous run.
+        self.ids = IdGenerator(f"{settings.server_id}.{secrets.token_hex(4)}")
         self.verifier = TokenVerifier(settings)
         self.started_at = time.time()
         self.draining = False
@@ -97,6 +100,12 @@ class Gateway:
         self._timers: list[PeriodicCallback] = []
         self._published = False  # the server key was written once (so a missing key means it was lost)
         self._background: set[asyncio.Task[Any]] = set()
+        # Connections between admit() and their first presence write (value: first of its user here).
+        self._connecting: dict[Connection, bool] = {}
+        # Open connections whose presence write failed: the resync loop writes them (and checks the device cap).
+        self._unregistered: set[Connection] = set()
+        self._resync_task: asyncio.Task[None] | None = None
+        self._resync_again = False
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -110,6 +119,7 @@ class Gateway:
             timer.start()
         gc.collect()
         await self._housekeeping()
+        self.request_resync()  # entries a previous run of this serverId left behind are removed
 
     async def drain(self) -> None:
         """SIGTERM: close every client with 1001, spread over the drain window, then deregister."""
@@ -148,28 +158,38 @@ class Gateway:
                                 close_code=CloseCode.RATE_LIMITED)
         return None
 
-    async def connect(self, identity: Identity, transport: Transport, remote_ip: str) -> Connection:
+    def admit(self, identity: Identity, transport: Transport, remote_ip: str) -> Connection:
+        """The connection exists locally from here on, so that a socket lost during `establish` is
+        reported to it (the handler holds it) instead of leaving a registration behind."""
         limiter = MessageLimiter(self.settings.rate_limit_burst, time.monotonic()) \
             if self.settings.rate_limit_per_s > 0 else None
         conn = Connection(self.ids.next(), identity, transport, remote_ip, limiter)
         added = self.hub.add(conn)
         self.heartbeats.add(conn)
+        self._connecting[conn] = added.first_for_user
+        if added.replaced is not None:
+            self._replace(added.replaced)
+        return conn
+
+    async def establish(self, conn: Connection) -> None:
+        """Subscribe, register, then `connected`; a connection closed on the way registers nothing more."""
+        identity = conn.identity
         try:
-            if added.replaced is not None:
-                self._replace(added.replaced)
-            if added.first_for_user:
+            if self._connecting.get(conn):
                 await self.bus.subscribe_user(identity.user_id)
             else:
                 await self.bus.subscription_ready(identity.user_id)  # no `connected` before messages can arrive
-            await self._register_presence(conn)
+            if not conn.closed:
+                await self._register_presence(conn)
         except BaseException as exc:
-            # The handler never gets this connection, so nothing else would release it.
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("connecting %s failed", conn.connection_id)
             self.close_on_internal_error(conn)
             raise
+        finally:
+            self._connecting.pop(conn, None)
         if conn.closed:
-            return conn
+            return
         payload: ConnectedPayload = {
             "connectionId": conn.connection_id, "serverId": self.server_id, "userId": identity.user_id,
             "userType": identity.user_type, "deviceId": identity.device_id, "platform": identity.platform,
@@ -178,32 +198,45 @@ class Gateway:
         self.metrics.incr(m.CONNECTIONS_OPENED)
         log.info("opened %s user=%s type=%s device=%s platform=%s server=%s ip=%s", conn.connection_id,
                  identity.user_id, identity.user_type, identity.device_id, identity.platform, self.server_id,
-                 remote_ip)
-        return conn
+                 conn.remote_ip)
 
     async def _register_presence(self, conn: Connection) -> None:
         try:
-            previous = await self.presence.register(conn, max_devices=self.settings.max_devices_per_user)
+            registration = await self.presence.register(conn, max_devices=self.settings.max_devices_per_user)
         except DeviceLimitReached as exc:
             self._drop(conn, CloseCode.RATE_LIMITED, str(exc))
             return
-        except Exception:  # noqa: BLE001 - degraded mode: the entry is written again on reconnect
-            log.warning("presence unavailable; %s registered locally only", conn.connection_id)
+        except Exception as exc:  # noqa: BLE001 - written by the resync loop, retried until it is
+            log.warning("presence write for %s failed (%s); retrying in the background", conn.connection_id, exc)
+            self._unregistered.add(conn)
+            self.request_resync()
             return
+        await self._settle(conn, registration)
         if conn.closed:
-            # Closed while we awaited Redis: its own cleanup ran before the entry existed.
+            # Closed while we awaited Redis: its own removal may have reached Redis before the entry.
             await self._unregister_presence(conn, last_local=not self.hub.has_user(conn.identity.user_id))
+
+    async def _settle(self, conn: Connection, registration: Registration) -> None:
+        """Act on what a presence write found: a newer connection of the device keeps it (this one
+        goes), or an older one elsewhere is told to close."""
+        if registration.over_limit:
+            self._drop(conn, CloseCode.RATE_LIMITED, str(DeviceLimitReached(self.settings.max_devices_per_user)))
             return
-        if previous is None or previous["connectionId"] == conn.connection_id:
+        newer = registration.superseded_by
+        if newer is not None:
+            log.info("%s: a newer connection of the device (%s on %s) keeps it", conn.connection_id,
+                     newer.get("connectionId"), newer.get("serverId"))
+            self._replace(conn)
             return
-        if previous["serverId"] != self.server_id:
-            control: ControlMessage = {"op": "close", "userId": conn.identity.user_id,
-                                       "deviceId": conn.identity.device_id,
-                                       "connectionId": previous["connectionId"]}
-            try:
-                await self.bus.send_control(previous["serverId"], dumps(control))
-            except BusUnavailable:
-                log.warning("could not ask %s to close a replaced connection", previous["serverId"])
+        previous = registration.displaced
+        if previous is None or previous["serverId"] == self.server_id:
+            return  # a local predecessor was replaced by the hub already; or a ghost of an earlier run
+        control: ControlMessage = {"op": "close", "userId": conn.identity.user_id,
+                                   "deviceId": conn.identity.device_id, "connectionId": previous["connectionId"]}
+        try:
+            await self.bus.send_control(previous["serverId"], dumps(control))
+        except BusUnavailable:
+            log.warning("could not ask %s to close a replaced connection", previous["serverId"])
 
     def _replace(self, old: Connection) -> None:
         self._drop(old, CloseCode.REPLACED, "replaced by a new connection from the same device")
@@ -229,6 +262,7 @@ class Gateway:
     def _forget(self, conn: Connection) -> bool:
         """Local cleanup; returns whether the user has no device left here. Only `_release` calls it."""
         self.heartbeats.remove(conn)
+        self._unregistered.discard(conn)
         if conn.expiry_timer is not None:
             conn.expiry_timer.cancel()
             conn.expiry_timer = None
@@ -245,8 +279,9 @@ class Gateway:
     async def _unregister_presence(self, conn: Connection, *, last_local: bool) -> None:
         try:
             await self.presence.unregister(conn, last_local=last_local)
-        except Exception:  # noqa: BLE001 - reaped by resync or dead-instance cleanup
-            log.warning("could not remove presence of %s", conn.connection_id)
+        except Exception as exc:  # noqa: BLE001 - the resync loop prunes what this instance no longer holds
+            log.warning("could not remove presence of %s (%s); retrying in the background", conn.connection_id, exc)
+            self.request_resync()
 
     def _close_stale(self, conn: Connection) -> None:
         self._drop(conn, CloseCode.HEARTBEAT_TIMEOUT, "no frame within the heartbeat timeout")
@@ -322,28 +357,56 @@ class Gateway:
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed control message")
             return
-        if control.get("op") == "close" and conn is not None and conn.identity.device_id == control.get("deviceId"):
+        if (control.get("op") == "close" and conn is not None and conn.identity.user_id == control.get("userId")
+                and conn.identity.device_id == control.get("deviceId")):
             self._replace(conn)
 
     def on_bus_reconnected(self) -> None:
-        self._spawn(self._resync())
+        self.request_resync()
 
-    async def _resync(self) -> None:
-        """Redis came back, possibly empty: write every local entry and our server key again."""
+    def request_resync(self) -> None:
+        """Make Redis match this instance again, retrying until it does: after Redis came back
+        (possibly empty, possibly from a snapshot with stale entries), a failed write or removal,
+        and at start (entries a previous run of this serverId left behind)."""
+        if self._resync_task is not None:
+            self._resync_again = True  # what changed meanwhile is covered by one more pass
+            return
+        self._resync_task = asyncio.ensure_future(self._resync_until_done())
+        self._resync_task.add_done_callback(self._resync_finished)
+
+    def _resync_finished(self, _task: asyncio.Task[None]) -> None:
+        self._resync_task = None
+
+    async def _resync_until_done(self) -> None:
         backoff = Backoff(base_s=0.1, cap_s=2.0)
-        for attempt in range(1, RESYNC_ATTEMPTS + 1):
+        attempt = 0
+        while not self.draining:
+            self._resync_again = False
+            attempt += 1
             try:
-                await self.presence.resync(list(self.hub))
-                await self.presence.publish_server(self.stats())
-            except Exception as exc:  # noqa: BLE001 - logged; retried below
-                # The first command on a pooled connection that Redis dropped fails; retry on a fresh one.
-                log.warning("presence resync attempt %d failed: %s", attempt, exc)
+                await self._resync()
+            except Exception as exc:  # noqa: BLE001 - Redis is failing: try again, quietly
+                if attempt == 1 or attempt % RESYNC_LOG_EVERY == 0:
+                    log.warning("presence resync attempt %d failed: %s; retrying", attempt, exc)
                 await asyncio.sleep(backoff.next_delay())
                 continue
-            log.info("presence resynced: %d connections", len(self.hub))
-            return
-        log.error("presence resync gave up after %d attempts; it runs again on the next reconnect or lost key",
-                  RESYNC_ATTEMPTS)
+            if not self._resync_again:
+                return
+            backoff.reset()
+
+    async def _resync(self) -> None:
+        unregistered = self._unregistered
+        held = [(conn, self.settings.max_devices_per_user if conn in unregistered else 0)
+                for conn in self.hub if conn not in self._connecting]
+        settled = await self.presence.resync(held)
+        for conn, registration in settled:
+            unregistered.discard(conn)
+            await self._settle(conn, registration)
+        await self.presence.publish_server(self.stats())
+        for conn, _cap in held:
+            if conn.closed:  # closed while the pass ran: its removal may have reached Redis before our write
+                await self.presence.unregister(conn, last_local=not self.hub.has_user(conn.identity.user_id))
+        log.info("presence resynced: %d connections", len(held))
 
     async def broadcast(self, user_id: str, message: object) -> BroadcastResult:
         """The broadcast API: validate, count the user's devices in the cluster registry, publish.
@@ -391,7 +454,7 @@ class Gateway:
             key_was_there = await self.presence.publish_server(stats)
             if not key_was_there and self._published:
                 log.warning("this instance's server key was gone from Redis; writing its presence again")
-                self._spawn(self._resync())
+                self.request_resync()
             self._published = True
             await self.presence.reap_dead_servers()
         except Exception as exc:  # noqa: BLE001 - Redis down: /ready says so, retried next tick

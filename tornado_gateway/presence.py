@@ -3,18 +3,23 @@
 `Presence` is the interface the gateway talks to; `MemoryPresence` is the
 embedded single-instance version (`REDIS_URL=memory://`), and
 `presence_redis.RedisPresence` the real one.
+
+Which connection of a device wins is decided by when each connection was
+opened (its `stamp`, microseconds of the accepting instance's clock), never by
+which registration reaches Redis last: an instance whose Redis link is slow
+must not let an old connection's late registration push out the device's
+newer one on another instance.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from typing import Protocol, TypedDict
 
 from .connection import Connection
 from .messages import USER_TYPES, UserType
-
-DEVICE_LIMIT_MARKER = "!device-limit"
 
 
 class DeviceLimitReached(Exception):
@@ -32,6 +37,17 @@ class PresenceEntry(TypedDict):
     userType: str
     platform: str
     connectedAt: int
+    stamp: int  # addition to the contract: microseconds at the upgrade; the newest connection wins
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Registration:
+    """What writing a connection's entry found: the older entry it displaced, or the newer one that
+    keeps the device (then nothing was written and the connection must close as replaced)."""
+
+    displaced: PresenceEntry | None = None
+    superseded_by: PresenceEntry | None = None
+    over_limit: bool = False  # only from resync: a device never admitted would exceed MAX_DEVICES_PER_USER
 
 
 class ServerStats(TypedDict):
@@ -55,7 +71,19 @@ class ClusterStats(TypedDict):
 def presence_entry(conn: Connection, server_id: str) -> PresenceEntry:
     ident = conn.identity
     return {"serverId": server_id, "connectionId": conn.connection_id, "userType": ident.user_type,
-            "platform": ident.platform, "connectedAt": int(conn.opened_at * 1000)}
+            "platform": ident.platform, "connectedAt": int(conn.opened_at * 1000), "stamp": stamp_of(conn)}
+
+
+def stamp_of(conn: Connection) -> int:
+    return int(conn.opened_at * 1_000_000)
+
+
+def is_newer(entry: PresenceEntry, stamp: int, connection_id: str) -> bool:
+    """Whether `entry` belongs to a connection opened after (stamp, connection_id). Entries written
+    by a release without stamps count as oldest; equal stamps are ordered by connection id."""
+    theirs = entry.get("stamp", 0)
+    theirs = theirs if isinstance(theirs, int) else 0
+    return theirs > stamp or (theirs == stamp and str(entry.get("connectionId", "")) > connection_id)
 
 
 def sum_cluster(servers: list[ServerStats]) -> ClusterStats:
@@ -74,8 +102,8 @@ def sum_cluster(servers: list[ServerStats]) -> ClusterStats:
 
 
 class Presence(Protocol):
-    async def register(self, conn: Connection, *, max_devices: int = 0) -> PresenceEntry | None:
-        """Record `conn`; returns the entry it displaced (same user and device), if any.
+    async def register(self, conn: Connection, *, max_devices: int = 0) -> Registration:
+        """Record `conn` unless a newer connection of the same device is registered.
 
         Raises DeviceLimitReached when a new device would exceed `max_devices` (0: no cap)."""
 
@@ -98,8 +126,10 @@ class Presence(Protocol):
     async def reap_dead_servers(self) -> list[str]:
         """Remove the entries of instances whose live key expired; returns their ids."""
 
-    async def resync(self, connections: Iterable[Connection]) -> None:
-        """Write every local entry again (after Redis lost them, e.g. a restart)."""
+    async def resync(self, connections: Iterable[tuple[Connection, int]]) -> list[tuple[Connection, Registration]]:
+        """Make Redis match this instance: remove the entries it owns but no longer holds (a
+        disconnect whose removal failed, a previous run of the same serverId), then register every
+        given (connection, device cap) again, as `register` would."""
 
 
 class MemoryPresence:
@@ -110,13 +140,18 @@ class MemoryPresence:
         self._entries: dict[str, dict[str, PresenceEntry]] = {}
         self._stats: ServerStats | None = None
 
-    async def register(self, conn: Connection, *, max_devices: int = 0) -> PresenceEntry | None:
+    async def register(self, conn: Connection, *, max_devices: int = 0) -> Registration:
         devices = self._entries.setdefault(conn.identity.user_id, {})
         previous = devices.get(conn.identity.device_id)
         if previous is None and 0 < max_devices <= len(devices):
             raise DeviceLimitReached(max_devices)
+        if previous is not None and previous["connectionId"] != conn.connection_id:
+            if is_newer(previous, stamp_of(conn), conn.connection_id):
+                return Registration(superseded_by=previous)
+        else:
+            previous = None
         devices[conn.identity.device_id] = presence_entry(conn, self._server_id)
-        return previous
+        return Registration(displaced=previous)
 
     async def unregister(self, conn: Connection, *, last_local: bool) -> None:
         devices = self._entries.get(conn.identity.user_id, {})
@@ -143,8 +178,8 @@ class MemoryPresence:
     async def reap_dead_servers(self) -> list[str]:
         return []
 
-    async def resync(self, connections: Iterable[Connection]) -> None:
-        return None
+    async def resync(self, connections: Iterable[tuple[Connection, int]]) -> list[tuple[Connection, Registration]]:
+        return []  # nothing outside this process can lose or keep stale entries
 
 
 def uptime_s(started_at: float) -> int:

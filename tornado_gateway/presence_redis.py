@@ -8,6 +8,7 @@ new connection on instance B just wrote.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -20,20 +21,34 @@ from redis.typing import EncodableT, FieldT
 from .bus import BusUnavailable
 from .connection import Connection
 from .messages import USER_TYPES, dumps
-from .presence import DEVICE_LIMIT_MARKER, DeviceLimitReached, PresenceEntry, ServerStats, presence_entry
+from .presence import DeviceLimitReached, PresenceEntry, Registration, ServerStats, presence_entry, stamp_of
 from .redis_keys import Keys
 from .resp import PipelinedClient, RedisReplyError, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
-# KEYS: presence hash, server users set. ARGV: deviceId, entry JSON, userId, max devices (0: no cap).
+# KEYS: presence hash, server users set.
+# ARGV: deviceId, entry JSON, userId, max devices (0: no cap), stamp, connectionId.
+# Returns {'limit'}, {'newer', entry} (a newer connection owns the device: nothing written) or {'ok', displaced|nil}.
 REGISTER = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
-local cap = tonumber(ARGV[4])
-if not old and cap > 0 and redis.call('HLEN', KEYS[1]) >= cap then return '""" + DEVICE_LIMIT_MARKER + """' end
+if old then
+  local ok, entry = pcall(cjson.decode, old)
+  if ok and type(entry) == 'table' and entry['connectionId'] ~= ARGV[6] then
+    local theirs = tonumber(entry['stamp']) or 0
+    local mine = tonumber(ARGV[5])
+    if theirs > mine or (theirs == mine and tostring(entry['connectionId']) > ARGV[6]) then
+      return {'newer', old}
+    end
+  else
+    old = false
+  end
+elseif tonumber(ARGV[4]) > 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then
+  return {'limit'}
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
-return old
+return {'ok', old}
 """
 
 # KEYS: presence hash, server users set. ARGV: deviceId, connectionId, userId, last_local (1/0).
@@ -47,17 +62,21 @@ if ARGV[4] == '1' then redis.call('SREM', KEYS[2], ARGV[3]) end
 return 1
 """
 
-# KEYS: presence hash, server users set. ARGV: deviceId, entry JSON, userId, connectionId.
-# Re-register after Redis lost its data, without clobbering a device that reconnected elsewhere.
-RESYNC = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then
-  local ok, entry = pcall(cjson.decode, cur)
-  if ok and entry['connectionId'] ~= ARGV[4] then return 0 end
+# KEYS: presence hash, server users set. ARGV: serverId, userId, connectionIds this instance holds for the user.
+# Removes the instance's entries for connections it no longer holds; forgets the user when it holds none.
+PRUNE = """
+local keep = {}
+for i = 3, #ARGV do keep[ARGV[i]] = true end
+local fields = redis.call('HGETALL', KEYS[1])
+local removed = 0
+for i = 1, #fields, 2 do
+  local ok, entry = pcall(cjson.decode, fields[i + 1])
+  if ok and type(entry) == 'table' and entry['serverId'] == ARGV[1] and not keep[entry['connectionId']] then
+    redis.call('HDEL', KEYS[1], fields[i]); removed = removed + 1
+  end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[3])
-return 1
+if #ARGV == 2 then redis.call('SREM', KEYS[2], ARGV[2]) end
+return removed
 """
 
 # KEYS: presence hash. ARGV: serverId. Removes every device entry owned by that instance.
@@ -73,6 +92,7 @@ end
 return removed
 """
 
+RESYNC_BATCH = 1000  # commands in flight at once: bounded memory with 100,000 connections to rewrite
 _STAT_FIELDS = ("totalConnections", "uniqueUsers", *USER_TYPES)
 
 
@@ -93,24 +113,27 @@ class RedisPresence:
         self._commands = commands
         self._register_sha = commands.script(REGISTER)
         self._unregister_sha = commands.script(UNREGISTER)
+        self._prune_sha = commands.script(PRUNE)
         self._keys = keys
         self._server_id = server_id
         self._ttl_ms = int(instance_ttl_s * 1000)
-        self._resync = redis.register_script(RESYNC)
         self._purge = redis.register_script(PURGE_SERVER)
 
-    async def register(self, conn: Connection, *, max_devices: int = 0) -> PresenceEntry | None:
+    async def register(self, conn: Connection, *, max_devices: int = 0) -> Registration:
         ident = conn.identity
-        entry = dumps(presence_entry(conn, self._server_id))
         try:
-            old = await self._commands.evalsha(
+            reply = await self._commands.evalsha(
                 self._register_sha, [self._keys.presence(ident.user_id), self._keys.server_users(self._server_id)],
-                [ident.device_id, entry, ident.user_id, max_devices])
+                [ident.device_id, dumps(presence_entry(conn, self._server_id)), ident.user_id, max_devices,
+                 stamp_of(conn), conn.connection_id])
         except (RedisUnavailable, RedisReplyError) as exc:
             raise BusUnavailable(str(exc)) from None
-        if old == DEVICE_LIMIT_MARKER.encode():
+        outcome = reply[0]
+        if outcome == b"limit":
             raise DeviceLimitReached(max_devices)
-        return _decode_entry(old)
+        if outcome == b"newer":
+            return Registration(superseded_by=_decode_entry(reply[1]))
+        return Registration(displaced=_decode_entry(reply[1] if len(reply) > 1 else None))
 
     async def unregister(self, conn: Connection, *, last_local: bool) -> None:
         ident = conn.identity
@@ -195,15 +218,42 @@ class RedisPresence:
             await self._purge_instance(server_id)
         return dead
 
-    async def resync(self, connections: Iterable[Connection]) -> None:
-        users_key = self._keys.server_users(self._server_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for conn in connections:
-                ident = conn.identity
-                entry = dumps(presence_entry(conn, self._server_id))
-                await self._resync(keys=[self._keys.presence(ident.user_id), users_key],
-                                   args=[ident.device_id, entry, ident.user_id, conn.connection_id], client=pipe)
-            await pipe.execute()
+    async def resync(self, connections: Iterable[tuple[Connection, int]]) -> list[tuple[Connection, Registration]]:
+        held = list(connections)
+        by_user: dict[str, list[str]] = {}
+        for conn, _cap in held:
+            by_user.setdefault(conn.identity.user_id, []).append(conn.connection_id)
+        users = list((await self._listed_users()) | by_user.keys())
+        settled: list[tuple[Connection, Registration]] = []
+        try:
+            for start in range(0, len(users), RESYNC_BATCH):
+                await asyncio.gather(*(self._prune(user, by_user.get(user, []))
+                                       for user in users[start:start + RESYNC_BATCH]))
+            for start in range(0, len(held), RESYNC_BATCH):
+                batch = held[start:start + RESYNC_BATCH]
+                outcomes = await asyncio.gather(*(self._register_known(conn, cap) for conn, cap in batch))
+                settled.extend(zip((conn for conn, _cap in batch), outcomes, strict=True))
+        except (RedisUnavailable, RedisReplyError) as exc:
+            raise BusUnavailable(str(exc)) from None
+        return settled
+
+    async def _register_known(self, conn: Connection, cap: int) -> Registration:
+        try:
+            return await self.register(conn, max_devices=cap)
+        except DeviceLimitReached:
+            return Registration(over_limit=True)
+
+    async def _listed_users(self) -> set[str]:
+        """The users this serverId's set lists: those it held when Redis last heard from it."""
+        users: set[str] = set()
+        async for member in self._redis.sscan_iter(self._keys.server_users(self._server_id), count=1000):
+            users.add(member.decode() if isinstance(member, bytes) else str(member))
+        return users
+
+    async def _prune(self, user_id: str, connection_ids: list[str]) -> None:
+        await self._commands.evalsha(
+            self._prune_sha, [self._keys.presence(user_id), self._keys.server_users(self._server_id)],
+            [self._server_id, user_id, *connection_ids])
 
 
 def _stats_from_hash(server_id: str, row: dict[bytes, bytes], now: int) -> ServerStats:

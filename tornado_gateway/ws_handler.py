@@ -120,8 +120,17 @@ class GatewaySocket(WebSocketHandler):
             return
         if gateway.settings.socket_sndbuf:
             self._cap_kernel_send_buffer(gateway.settings.socket_sndbuf)
-        remote_ip = self.request.remote_ip or ""
-        self.conn = await gateway.connect(identity, self, remote_ip)
+        self.conn = gateway.admit(identity, self, self.request.remote_ip or "")
+        # Tornado reads nothing from the socket until open() returns, so a client that gives up while its
+        # connection waits for Redis would go unnoticed: that connection would then register, and replace
+        # the device's newer connection elsewhere. A close callback makes the stream watch for the hang-up
+        # (what the client sends meanwhile stays buffered for the frame loop).
+        stream = cast(WebSocketProtocol13, self.ws_connection).stream
+        stream.set_close_callback(self.on_connection_close)
+        try:
+            await gateway.establish(self.conn)
+        finally:
+            stream.set_close_callback(None)  # from here the frame loop reports the close, with its code
 
     def shed_upgrade_state(self) -> None:
         """On Tornado's frame loop (compression on, or a socket hand_over could not take), drop what
