@@ -13,11 +13,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import inspect
+import ssl
 import time
+from collections.abc import Mapping
 from typing import Any, cast
 
 import hiredis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import RedisSSLContext, SSLConnection, parse_url
+from redis.exceptions import RedisError
 
 COMMAND_TIMEOUT_S = 5.0
 WATCHDOG_INTERVAL_S = 1.0
@@ -25,6 +29,30 @@ WATCHDOG_INTERVAL_S = 1.0
 
 def pack(args: tuple[str | int, ...]) -> bytes:
     return bytes(hiredis.pack_command(cast(Any, args)))  # its stub types a 1-tuple
+
+
+def redis_tls_options(url_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """`RedisSSLContext`'s arguments for a rediss:// URL, meaning what they mean to redis.asyncio, which opens
+    the gateway's other connections with the same URL: one source of truth, so the two cannot disagree.
+
+    Defaults come from `SSLConnection`'s signature (in redis-py 8: verify the certificate and the hostname),
+    not from `RedisSSLContext`'s, which verify nothing; the URL's `ssl_*` values, as `parse_url` converted them,
+    override them; `RedisSSLContext` maps `ssl_cert_reqs=none|optional|required` and loads the files."""
+    parameters = inspect.signature(SSLConnection.__init__).parameters.values()
+    options = {p.name: p.default for p in parameters if p.name.startswith("ssl_")}
+    options.update((name, value) for name, value in url_kwargs.items() if name.startswith("ssl_"))
+    return {name.removeprefix("ssl_"): value for name, value in options.items()}
+
+
+def redis_tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
+    """Built once per connection, when it opens, never per command: certificates rotated on disk are used
+    from the next reconnect on, as redis-py's pool connections use them. Any failure, a missing file as much
+    as a bad `ssl_cert_reqs`, is a ConnectionError, so the callers log it and retry as for an unreachable
+    Redis (/ready stays 503) instead of losing the listener task to an exception they do not expect."""
+    try:
+        return RedisSSLContext(**options).get()
+    except (OSError, RedisError, TypeError, ValueError) as exc:
+        raise ConnectionError(f"TLS options of the Redis URL: {exc}") from None
 
 
 class RedisUnavailable(ConnectionError):
@@ -50,7 +78,8 @@ class RespConnection:
         self._port = int(kwargs.get("port", 6379))
         self._username = kwargs.get("username")
         self._password = kwargs.get("password")
-        self._ssl = "SSL" in getattr(kwargs.get("connection_class"), "__name__", "")
+        tls = kwargs.get("connection_class") is SSLConnection
+        self._ssl: dict[str, Any] | None = redis_tls_options(kwargs) if tls else None
         self._unix_path = kwargs.get("path")
         self._db = int(kwargs.get("db") or 0)
         self._reader: asyncio.StreamReader | None = None
@@ -62,7 +91,10 @@ class RespConnection:
         if self._unix_path:
             opening = asyncio.open_unix_connection(self._unix_path)
         else:
-            opening = asyncio.open_connection(self._host, self._port, ssl=True if self._ssl else None)
+            tls = redis_tls_context(self._ssl) if self._ssl is not None else None
+            # the hostname verified is the URL's host, as for redis-py (an IP is matched against IP SANs)
+            opening = asyncio.open_connection(self._host, self._port, ssl=tls,
+                                              server_hostname=self._host if tls else None)
         self._reader, self._writer = await asyncio.wait_for(opening, timeout_s)
         if self._password:
             auth = ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)
