@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
+import pytest
 import redis
 
-from tests.helpers import GatewayProcess, eventually, module_gateway
+from tests.helpers import GatewayProcess, RawSocketClient, eventually, make_token, module_gateway, unique
+
+PING, CLOSE = 0x9, 0x8
 
 FAST = {"HEARTBEAT_INTERVAL": "0.2", "HEARTBEAT_TIMEOUT": "0.6"}
 
@@ -68,3 +72,26 @@ async def test_stale_connection_is_removed_locally_and_from_redis(fast: GatewayP
     await eventually(lambda: not redis_client.hexists(key, "sleepy"))
     channel = f"{prefix}:user:{client.user_id}"
     await eventually(lambda: dict(redis_client.pubsub_numsub(channel))[channel.encode()] == 0)
+
+
+@pytest.mark.parametrize("compression", ["false", "true"])
+async def test_websocket_pings_alone_keep_the_connection_alive(make_gateway, compression: str) -> None:  # type: ignore[no-untyped-def]
+    """OkHttp's pingInterval and URLSessionWebSocketTask keep a socket alive with protocol pings."""
+    gateway = make_gateway({**FAST, "COMPRESSION": compression})
+    extensions = "permessage-deflate" if compression == "true" else ""
+    client = RawSocketClient(gateway.port, make_token(unique(), "driver"), "driver", "pinger",
+                             extensions=extensions)
+    assert client.read_frame()[0] == 1  # connected (compressed on the Tornado path)
+    client.sock.settimeout(0.1)
+    deadline = time.monotonic() + 2.0  # more than three heartbeat timeouts
+    while time.monotonic() < deadline:
+        client.send_frame(PING, b"alive")
+        await asyncio.sleep(0.15)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                opcode, _payload = client.read_frame()
+                assert opcode != CLOSE, "closed although the client kept pinging"
+    client.sock.settimeout(5)
+    _status, stats = await gateway.http("GET", "/stats")
+    assert stats["totalConnections"] == 1
+    client.close()

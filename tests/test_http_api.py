@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.helpers import GatewayProcess, module_gateway, unique
+from tornado_gateway.config import load_settings
 from tornado_gateway.http_api import broadcast_refusal
 
 KEY = "svc-key-0123456789"
@@ -115,3 +118,26 @@ async def test_broadcast_payload_with_nan_is_400_not_a_crash(keyed: GatewayProce
     status, reply = await keyed.http("POST", "/broadcast/user/u1", raw=raw, headers=auth())
     assert (status, reply["error"]) == (400, "INVALID_MESSAGE")
     assert (await keyed.http("GET", "/health"))[0] == 200
+
+
+def test_an_empty_api_key_in_a_conf_file_is_no_key(tmp_path: Path) -> None:
+    conf = tmp_path / "gateway.conf"
+    conf.write_text('gateway_api_key = ""\njwt_secret = "from-the-conf-file-0123456789"\n')
+    settings = load_settings({}, conf_file=str(conf))
+    assert settings.gateway_api_key is None
+    assert load_settings({"GATEWAY_API_KEY": "", "JWT_SECRET": "s" * 32}).gateway_api_key is None
+
+
+def test_an_empty_api_key_never_matches_an_empty_authorization_header() -> None:
+    refusal = broadcast_refusal("", "10.1.2.3", "Bearer ")
+    assert refusal is not None and refusal[0] == 403
+
+
+async def test_a_gateway_with_an_empty_api_key_in_its_conf_file_warns_and_stays_loopback_only(
+        make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    conf = tmp_path / "gateway.conf"
+    conf.write_text('gateway_api_key = ""\n')
+    gateway = make_gateway({"GATEWAY_CONF": str(conf)})
+    assert "GATEWAY_API_KEY is not set" in gateway.log()
+    status, _body = await gateway.http("POST", f"/broadcast/user/{unique()}", NOTE, headers={"Authorization": "Bearer "})
+    assert status == 202  # loopback: allowed without a key, as documented

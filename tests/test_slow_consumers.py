@@ -9,7 +9,7 @@ import psutil
 import pytest
 import redis
 
-from tests.helpers import GatewayProcess, RawSocketClient, eventually, make_token, unique
+from tests.helpers import GatewayProcess, RawSocketClient, client_frame, eventually, make_token, unique
 
 LIMIT = 64 * 1024
 
@@ -136,3 +136,21 @@ async def _slow_clients_memory(make_gateway, redis_client: redis.Redis, prefix: 
     assert peak_growth < offered / 4
     for sock in sockets:
         sock.close()
+
+
+async def test_a_client_that_sends_acked_messages_and_never_reads_is_closed_at_the_outbound_limit(
+        make_gateway) -> None:  # type: ignore[no-untyped-def]
+    """Acks (and errors, and heartbeats) count against MAX_OUTBOUND_BUFFER like fan-out does."""
+    gateway = make_gateway({"MAX_OUTBOUND_BUFFER": str(LIMIT), "SOCKET_SNDBUF": "4096",
+                            "RATE_LIMIT_PER_SECOND": "0"})
+    stuck = RawSocketClient(gateway.port, make_token(unique()), "driver", "acker")
+    assert stuck.read_frame()[0] == 1  # connected; from here on the client never reads
+    frames = b"".join(client_frame(0x1, json.dumps({"type": "heartbeat_ack", "id": f"ack-{n:05d}",
+                                                     "payload": {"timestamp": n}}).encode())
+                      for n in range(4000))  # ~400 KB of acks owed: kernel buffers plus the limit, several times
+    stuck.sock.sendall(frames)
+    await eventually(lambda: stats_total(gateway) == 0, timeout=10)
+    log = gateway.log()
+    assert "outbound buffer over" in log
+    assert "device=acker" in log and "code=4503" in log
+    stuck.close()

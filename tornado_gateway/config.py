@@ -128,6 +128,16 @@ def env_name(option: str) -> str:
     return _OPTIONS[option][1]
 
 
+#: Options where an empty value means something ("no metrics", "every interface"). Everywhere else an
+#: empty value, from the environment or a conf file alike, is the same as not setting the option: an
+#: empty GATEWAY_API_KEY must never become a key that an empty Authorization header matches.
+_EMPTY_IS_A_VALUE = frozenset({"statsd_host", "bind_address"})
+
+
+def _is_set(name: str, value: Any) -> bool:
+    return value is not None and (value != "" or name in _EMPTY_IS_A_VALUE)
+
+
 def _read_conf_file(path: str) -> dict[str, Any]:
     parser = OptionParser()
     for name in [*_OPTIONS, *_CONF_ALIASES]:
@@ -140,8 +150,8 @@ def _read_conf_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: {exc}") from None
     values: dict[str, Any] = {}
     for name, value in parser.as_dict().items():
-        if value is not None:
-            target = _CONF_ALIASES.get(name, name)
+        target = _CONF_ALIASES.get(name, name)
+        if _is_set(target, value):
             values[target] = float(value) if _OPTIONS[target][0] is float else value
     return values
 
@@ -163,8 +173,8 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, (kind, var) in _OPTIONS.items():
         raw = env.get(var)
-        if raw is not None and raw != "":
-            values[name] = _convert(kind, raw, var)
+        if _is_set(name, raw):
+            values[name] = _convert(kind, raw, var) if raw else raw
     return values
 
 

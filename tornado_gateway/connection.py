@@ -37,12 +37,18 @@ class Transport(Protocol):
         """Call `callback` once everything queued so far has reached the socket (or it closed)."""
 
 
+class OutboundLimit(Protocol):
+    def admits(self, conn: Connection, size: int) -> bool:
+        """Whether `size` more bytes fit the client's outbound buffer; if not, the client is closed."""
+
+
 class Connection:
     __slots__ = ("connection_id", "identity", "transport", "last_seen", "opened_at", "closed", "close_code",
-                 "close_reason", "bucket", "remote_ip", "limiter", "expiry_timer", "coalesced", "opening")
+                 "close_reason", "bucket", "remote_ip", "limiter", "expiry_timer", "coalesced", "opening",
+                 "outbound")
 
     def __init__(self, connection_id: str, identity: Identity, transport: Transport, remote_ip: str,
-                 limiter: MessageLimiter | None = None) -> None:
+                 limiter: MessageLimiter | None = None, outbound: OutboundLimit | None = None) -> None:
         self.connection_id = connection_id
         self.identity = identity
         self.transport = transport
@@ -59,12 +65,23 @@ class Connection:
         # Until `connected` is sent, what is sent waits here: a message for the user can arrive as soon
         # as the user's channel is subscribed, and `connected` is always the first frame a client gets.
         self.opening: list[str | bytes] | None = []
+        self.outbound = outbound
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
 
     def send(self, data: str | bytes) -> bool:
-        """Queue a frame; never raises, so one dead socket cannot break a fan-out loop."""
+        """Queue a frame within the outbound limit (acks, errors and heartbeats pile up on a client
+        that does not read, as fan-out does); never raises, so one dead socket cannot break a loop."""
+        if self.closed:
+            return False
+        outbound = self.outbound
+        if outbound is not None and self.opening is None and not outbound.admits(self, len(data)):
+            return False
+        return self.send_admitted(data)
+
+    def send_admitted(self, data: str | bytes) -> bool:
+        """Queue a frame whose size was already checked against the limit (fan-out checks it itself)."""
         if self.closed:
             return False
         if self.opening is not None:
@@ -88,8 +105,8 @@ class Connection:
             return
         self.opening = None  # refused before `connected`: held messages are not for a client being closed
         error = CLOSE_ERRORS.get(code)
-        if error is not None:
-            self.send_error(ids, error, message)
+        if error is not None:  # the last frame, past any limit: the client is told why
+            self.send_admitted(dumps(envelope("error", error_payload(error, message), ids.next())))
         self.mark_closed(code, message)
         self.transport.close_transport(int(code), message[:120])
 

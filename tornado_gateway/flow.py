@@ -43,7 +43,7 @@ class FlowControl:
             return
         buffered = conn.transport.buffered_bytes()
         if buffered == 0 and conn.coalesced is None:
-            conn.send(frame)  # the common case: the socket keeps up
+            conn.send_admitted(frame)  # the common case: the socket keeps up
             return
         if self._max_buffer and buffered + len(frame) > self._max_buffer:
             self._on_slow(conn)
@@ -51,7 +51,14 @@ class FlowControl:
         if key is not None and (conn.coalesced is not None or buffered >= self._congested_bytes):
             self._hold(conn, key, frame)
             return
-        conn.send(frame)
+        conn.send_admitted(frame)
+
+    def admits(self, conn: Connection, size: int) -> bool:
+        """The same limit for every other frame: acks, errors, heartbeats."""
+        if self._max_buffer and conn.transport.buffered_bytes() + size > self._max_buffer:
+            self._on_slow(conn)
+            return False
+        return True
 
     def _hold(self, conn: Connection, key: str, frame: bytes) -> None:
         held = conn.coalesced

@@ -163,7 +163,7 @@ class Gateway:
         reported to it (the handler holds it) instead of leaving a registration behind."""
         limiter = MessageLimiter(self.settings.rate_limit_burst, time.monotonic()) \
             if self.settings.rate_limit_per_s > 0 else None
-        conn = Connection(self.ids.next(), identity, transport, remote_ip, limiter)
+        conn = Connection(self.ids.next(), identity, transport, remote_ip, limiter, self.flow)
         added = self.hub.add(conn)
         self.heartbeats.add(conn)
         self._connecting[conn] = added.first_for_user

@@ -103,7 +103,7 @@ class BroadcastHandler(ApiHandler):
 def broadcast_refusal(api_key: str | None, remote_ip: str | None,
                       authorization: str | None) -> tuple[int, str, str] | None:
     """None when the caller may broadcast, else (status, code, message)."""
-    if api_key is None:
+    if not api_key:  # config.py never makes "" a key; an empty key must not match an empty header anyway
         if is_loopback(remote_ip):
             return None
         return 403, "FORBIDDEN", "GATEWAY_API_KEY is not set: broadcast is loopback-only"

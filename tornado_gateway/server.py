@@ -98,7 +98,7 @@ def announce(settings: Settings, embedded: bool) -> None:
         log.warning("DEVELOPMENT MODE: tokens are signed with a PUBLIC, INSECURE dev secret.")
         log.warning("Never expose this instance. Set JWT_SECRET and drop --dev in production.")
         log.warning("=" * 72)
-    if settings.gateway_api_key is None:
+    if not settings.gateway_api_key:
         log.warning("GATEWAY_API_KEY is not set: POST /broadcast is accepted from loopback addresses only")
     port = settings.port
     log.info("instance %s listening on :%d (%s bus, %s loop)", settings.server_id, port,

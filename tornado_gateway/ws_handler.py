@@ -188,6 +188,16 @@ class GatewaySocket(WebSocketHandler):
             self.gateway.close_on_internal_error(conn)
             return None
 
+    def on_ping(self, data: bytes) -> None:
+        """Any frame is a sign of life (contract section 3): apps on OkHttp's pingInterval or
+        URLSessionWebSocketTask keep their connection alive with protocol pings alone."""
+        if self.conn is not None:
+            self.conn.touch()
+
+    def on_pong(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.touch()
+
     def on_close(self) -> None:
         conn, self.conn = self.conn, None  # break the handler <-> connection cycle: refcounting frees both
         if conn is not None:

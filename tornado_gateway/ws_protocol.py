@@ -52,6 +52,10 @@ class FrameSink(Protocol):
 
     def on_message(self, message: str | bytes) -> Awaitable[None] | None: ...
 
+    def on_ping(self, data: bytes) -> None: ...
+
+    def on_pong(self, data: bytes) -> None: ...
+
     def on_ws_connection_close(self, close_code: int | None = None, close_reason: str | None = None) -> None: ...
 
 
@@ -364,7 +368,12 @@ class FrameProtocol(asyncio.Protocol):
             self.close(code)  # echo the client's code (RFC 6455 5.5.1), then close the socket
         elif opcode == OP_PING:
             self._pong(payload)
-        elif opcode != OP_PONG:
+            if self._sink is not None:
+                self._sink.on_ping(payload)  # a sign of life, as under Tornado's frame loop
+        elif opcode == OP_PONG:
+            if self._sink is not None:
+                self._sink.on_pong(payload)
+        else:
             self._fail(PROTOCOL_ERROR, f"unknown opcode {opcode}")
 
     def _pong(self, payload: bytes) -> None:
