@@ -139,5 +139,6 @@ async def test_a_gateway_with_an_empty_api_key_in_its_conf_file_warns_and_stays_
     conf.write_text('gateway_api_key = ""\n')
     gateway = make_gateway({"GATEWAY_CONF": str(conf)})
     assert "GATEWAY_API_KEY is not set" in gateway.log()
-    status, _body = await gateway.http("POST", f"/broadcast/user/{unique()}", NOTE, headers={"Authorization": "Bearer "})
+    status, _body = await gateway.http("POST", f"/broadcast/user/{unique()}", NOTE,
+                                       headers={"Authorization": "Bearer "})
     assert status == 202  # loopback: allowed without a key, as documented

@@ -31,3 +31,56 @@ class Keys:
     def control(self, server_id: str) -> str:
         """Addition to the contract: per-instance commands such as "close device X of user Y"."""
         return f"{self.prefix}:control:{server_id}"
+
+    # --- history (PROTOCOL.md section 7) ------------------------------------------------------
+    #
+    # One user's history keys share the Redis Cluster hash slot of the bare userId, which is what
+    # services pass as the only key of `FCALL <prefix>_publish 1 <userId> ...`: Cluster routes the
+    # call by that key, and the function then touches only keys of the same slot. The history
+    # function in history_redis.py derives the same names from the userId; the two must agree.
+
+    def history(self, user_id: str) -> str:
+        """The user's recorded messages, oldest first (a list)."""
+        return self._history_key(user_id, "list")
+
+    def history_meta(self, user_id: str) -> str:
+        """The user's epoch and last seq (a hash); its absence means a new epoch."""
+        return self._history_key(user_id, "meta")
+
+    def history_ids(self, user_id: str) -> str:
+        """Producer ids of the kept records, scored by seq (a sorted set), for dedupe."""
+        return self._history_key(user_id, "ids")
+
+    def _history_key(self, user_id: str, kind: str) -> str:
+        """`<prefix>:history:{u1}[:meta|:ids]` for the usual brace-free ids.
+
+        An id with braces cannot simply be wrapped in braces (Redis would read a different tag),
+        so it gets `<prefix>:history:{<its own hash tag>}:<kind>:<userId>`: the same slot as the
+        bare id, and names no other user's key can take. An id with braces but no valid tag
+        (`a}b`) hashes as a whole and no prefixed key can share its slot: it gets the empty tag
+        `{}`, unique but, in Cluster only, not routable with the userId as the key."""
+        head = f"{self.prefix}:history:{{"
+        if "{" not in user_id and "}" not in user_id:
+            return f"{head}{user_id}}}" + ("" if kind == "list" else f":{kind}")
+        return f"{head}{self.hash_tag(user_id) or ''}}}:{kind}:{user_id}"
+
+    @staticmethod
+    def hash_tag(key: str) -> str | None:
+        """Redis Cluster's rule: the text between the first `{` and the first `}` after it, if not empty."""
+        start = key.find("{")
+        if start < 0:
+            return None
+        end = key.find("}", start + 1)
+        return key[start + 1:end] if end > start + 1 else None
+
+    def function(self, name: str) -> str:
+        """`<prefix>_<name>`: Redis function names allow only letters, digits and `_`, so any other
+        character of the prefix becomes `_` (`gw-test` -> `gw_test_publish`)."""
+        return f"{self.function_prefix()}_{name}"
+
+    def function_prefix(self) -> str:
+        return "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in self.prefix)
+
+    def history_library(self) -> str:
+        """The Redis function library holding the history functions of this prefix."""
+        return self.function("history")
