@@ -52,15 +52,16 @@ class Keys:
         return self._history_key(user_id, "ids")
 
     def _history_key(self, user_id: str, kind: str) -> str:
-        """`<prefix>:history:{u1}[:meta|:ids]` for the usual brace-free ids.
+        """`<prefix>:history:{u1}[:meta|:ids]` for the usual ids (any id without `}`).
 
-        An id with braces cannot simply be wrapped in braces (Redis would read a different tag),
-        so it gets `<prefix>:history:{<its own hash tag>}:<kind>:<userId>`: the same slot as the
-        bare id, and names no other user's key can take. An id with braces but no valid tag
-        (`a}b`) hashes as a whole and no prefixed key can share its slot: it gets the empty tag
-        `{}`, unique but, in Cluster only, not routable with the userId as the key."""
+        An id with `}` cannot simply be wrapped in braces (Redis would read a different tag), so
+        it gets `<prefix>:history:{<its own hash tag>}:<kind>:<userId>`: the same slot as the bare
+        id, and names no other user's key can take. An id with `}` but no valid tag (`a}b`)
+        hashes as a whole and no prefixed key can share its slot: it gets the empty tag `{}`,
+        unique but, in Cluster only, not routable with the userId as the key. The prefix must
+        not contain braces (it would become the tag)."""
         head = f"{self.prefix}:history:{{"
-        if "{" not in user_id and "}" not in user_id:
+        if "}" not in user_id:
             return f"{head}{user_id}}}" + ("" if kind == "list" else f":{kind}")
         return f"{head}{self.hash_tag(user_id) or ''}}}:{kind}:{user_id}"
 

@@ -1,0 +1,442 @@
+"""History in Redis: one function library per prefix, one atomic function call per step.
+
+Why a Redis FUNCTION library rather than EVALSHA scripts: services in any language record with
+`FCALL gateway_publish 1 <userId> <message JSON>` without shipping or hashing a script, and
+Redis Cluster routes that call by its one key, the bare userId. The function derives the real key
+names from it (`redis_keys.Keys.history*`, the same hash slot by construction); they are not
+passed as keys, so the call stays the one-liner section 7.1 documents.
+
+Seq assignment, dedupe, append, trim, expiry refresh and the PUBLISH happen in one call: two
+instances recording for one user at once cannot hand out the same seq or leave a gap, and a
+record is never published without being stored (or stored without being published).
+
+Services call the functions without the gateway's settings, so HISTORY_SIZE, HISTORY_TTL,
+MAX_MESSAGE_SIZE and the prefix are baked into the rendered source; every instance sharing a
+prefix must run with the same values (the last one to load wins).
+
+The Lua decodes a message only to validate it and never re-encodes it (cjson turns [] into {}
+and rounds numbers to 14 digits); records are built by string concatenation around the
+producer's bytes, in the format `history.record_bytes` documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Final
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from .bus import BusUnavailable
+from .history import (
+    EMPTY_USER_REASON,
+    EXPIRED_REASON,
+    EXPIRES_AT_REASON,
+    INVALID_MESSAGE_PREFIX,
+    LATEST_VALUE_TYPES,
+    MAX_SAFE_INTEGER,
+    NOT_JSON_REASON,
+    UNKNOWN_TYPE_REASON,
+    Position,
+    RecordResult,
+    Replay,
+    refusal,
+    require_since,
+)
+from .messages import MAX_ID_LENGTH, SERVICE_REQUIRED_FIELDS
+from .redis_keys import Keys
+
+log = logging.getLogger(__name__)
+
+#: What Redis answers (after redis-py drops "ERR ") when a function is not loaded: Redis restarted
+#: empty, or someone ran FUNCTION FLUSH.
+FUNCTION_NOT_FOUND: Final = "Function not found"
+
+# The library body; render_library() puts the constants (PREFIX, FN, HISTORY_SIZE, ...) above it.
+# KEYS[1] of every function is the bare userId: see the module docstring.
+LIBRARY_BODY: Final = r"""
+local DIGITS = '0123456789abcdefghijklmnopqrstuvwxyz'
+local EXPIRES_AT = '^{"recorded":{"seq":%d+,"epoch":"%w*","expiresAt":(%d+)'
+
+-- Outside strings, JSON has structure, whitespace, numbers and true/false/null, nothing else. cjson
+-- also takes 0x1f, +1, NaN and Infinity, which the gateway's parser refuses: the message would be
+-- stored and then never deliverable. The letters allowed are those of the literals and exponents.
+local OUTSIDE_STRINGS = '^[ \t\n\r%d%.%-%+eE{}%[%],:aflnrstu]*$'
+
+local function outside_strings_ok(text)
+  return string.find(text, OUTSIDE_STRINGS) ~= nil and not string.find(text, 'nan', 1, true)
+    and not string.find(text, '^%+') and not string.find(text, '[^eE]%+')
+end
+
+local function json_text_ok(raw)
+  local pos = 1
+  while true do
+    local open = string.find(raw, '"', pos, true)
+    if not outside_strings_ok(string.sub(raw, pos, open and open - 1 or -1)) then return false end
+    if not open then return true end
+    local at = open + 1
+    while true do
+      local hit = string.find(raw, '["\\]', at)
+      if not hit then return false end
+      if string.byte(raw, hit) == 34 then pos = hit + 1; break end
+      at = hit + 2
+    end
+  end
+end
+
+-- cjson passes string bytes through unchecked; a WebSocket text frame must be UTF-8.
+local function utf8_ok(raw)
+  local i = string.find(raw, '[\128-\255]')
+  while i do
+    local lead, extra = string.byte(raw, i), nil
+    if lead >= 194 and lead <= 223 then extra = 1
+    elseif lead >= 224 and lead <= 239 then extra = 2
+    elseif lead >= 240 and lead <= 244 then extra = 3
+    else return false end
+    for k = 1, extra do
+      local byte = string.byte(raw, i + k)
+      if not byte or byte < 128 or byte > 191 then return false end
+    end
+    local second = string.byte(raw, i + 1)  -- no overlong forms, no surrogates, nothing past U+10FFFF
+    if (lead == 224 and second < 160) or (lead == 237 and second > 159) or (lead == 240 and second < 144)
+        or (lead == 244 and second > 143) then
+      return false
+    end
+    i = string.find(raw, '[\128-\255]', i + extra + 1)
+  end
+  return true
+end
+
+local function all_finite(value)
+  if type(value) == 'number' then return value == value and value ~= math.huge and value ~= -math.huge end
+  if type(value) == 'table' then
+    for _, item in pairs(value) do
+      if not all_finite(item) then return false end
+    end
+  end
+  return true
+end
+
+local function absent(value) return value == nil or value == cjson.null end
+
+local function integral(value)
+  return type(value) == 'number' and value == math.floor(value) and value >= 0 and value <= MAX_SAFE_INTEGER
+end
+
+local function utf8_length(text)
+  local _, count = string.gsub(text, '[^\128-\191]', '')
+  return count
+end
+
+local function int_text(number) return string.format('%.0f', number) end
+
+local function base36(number)
+  local out = ''
+  repeat
+    local digit = number % 36
+    out = string.sub(DIGITS, digit + 1, digit + 1) .. out
+    number = (number - digit) / 36
+  until number == 0
+  return out
+end
+
+local function now_ms(time) return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) end
+
+-- Seconds then microseconds (4 digits), base 36, like history.epoch_at.
+local function new_epoch(time)
+  local micros = base36(tonumber(time[2]))
+  return base36(tonumber(time[1])) .. string.rep('0', 4 - #micros) .. micros
+end
+
+-- Redis Cluster's hash tag rule, as Keys.hash_tag.
+local function hash_tag(text)
+  local open = string.find(text, '{', 1, true)
+  if not open then return nil end
+  local close = string.find(text, '}', open + 1, true)
+  if not close or close == open + 1 then return nil end
+  return string.sub(text, open + 1, close - 1)
+end
+
+-- The list, meta and ids keys of a user, named as Keys.history, history_meta and history_ids.
+local function history_keys(user_id)
+  local head = PREFIX .. ':history:{'
+  if not string.find(user_id, '}', 1, true) then
+    head = head .. user_id .. '}'
+    return head, head .. ':meta', head .. ':ids'
+  end
+  head = head .. (hash_tag(user_id) or '') .. '}:'
+  return head .. 'list:' .. user_id, head .. 'meta:' .. user_id, head .. 'ids:' .. user_id
+end
+
+local function user_channel(user_id) return PREFIX .. ':user:' .. user_id end
+
+-- The decoded facts of a valid message, or nil and the reason (the same words as history.check_message).
+local function check_message(raw, now)
+  if type(raw) ~= 'string' then return nil, NOT_JSON_REASON end
+  if #raw > MAX_MESSAGE_SIZE then
+    return nil, 'message is ' .. #raw .. ' bytes, over MAX_MESSAGE_SIZE (' .. MAX_MESSAGE_SIZE .. ')'
+  end
+  local ok, message = pcall(cjson.decode, raw)
+  if not ok or not json_text_ok(raw) or not utf8_ok(raw) or not all_finite(message) then
+    return nil, NOT_JSON_REASON
+  end
+  if type(message) ~= 'table' or not string.find(raw, '^[ \t\n\r]*{') then return nil, 'body must be a JSON object' end
+  local kind = message.type
+  if type(kind) ~= 'string' or not REQUIRED[kind] then return nil, UNKNOWN_TYPE_REASON .. ' ' .. TYPE_NAMES end
+  local payload = message.payload
+  if type(payload) ~= 'table' or type((next(payload))) == 'number' then return nil, 'payload must be an object' end
+  local missing = {}
+  for _, name in ipairs(REQUIRED[kind]) do
+    if absent(payload[name]) then missing[#missing + 1] = name end
+  end
+  if #missing > 0 then return nil, kind .. ' payload is missing ' .. table.concat(missing, ', ') end
+  local facts = {kind = kind, timestamp = now}
+  if not absent(message.id) then
+    if type(message.id) ~= 'string' or message.id == '' or utf8_length(message.id) > MAX_ID_LENGTH then
+      return nil, 'id must be a UTF-8 string of 1..' .. MAX_ID_LENGTH .. ' characters'
+    end
+    facts.id = message.id
+  end
+  if not absent(message.expiresAt) then
+    if not integral(message.expiresAt) then return nil, EXPIRES_AT_REASON end
+    if message.expiresAt <= now then return nil, EXPIRED_REASON end
+    facts.expires = message.expiresAt
+  end
+  local stamp = message.timestamp
+  if type(stamp) == 'number' and stamp == stamp and stamp >= 0 and stamp <= MAX_SAFE_INTEGER then
+    facts.timestamp = math.floor(stamp)
+  end
+  return facts
+end
+
+-- history.record_bytes, byte for byte (cjson.encode is used on the id only: a string is safe).
+local function record_text(seq, epoch, message_id, facts, raw)
+  local head = '{"recorded":{"seq":' .. int_text(seq) .. ',"epoch":"' .. epoch .. '"'
+  if facts.expires then head = head .. ',"expiresAt":' .. int_text(facts.expires) end
+  return head .. ',"timestamp":' .. int_text(facts.timestamp) .. ',"id":' .. cjson.encode(message_id)
+    .. '},"message":' .. raw .. '}'
+end
+
+local function current_epoch(meta)
+  local row = redis.call('HMGET', meta, 'epoch', 'seq')
+  if not row[1] then return nil, 0 end
+  return row[1], tonumber(row[2]) or 0
+end
+
+-- A new run of the history; leftovers of an old run (a list that outlived its meta) carry its seqs.
+local function start_epoch(list, meta, ids, time)
+  local epoch = new_epoch(time)
+  redis.call('DEL', list, ids)
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+  redis.call('PEXPIRE', meta, HISTORY_TTL_MS)
+  return epoch, 0
+end
+
+-- {seq, duplicate 0/1, epoch or nil, message id}, or nil and the reason the message is refused.
+local function record(user_id, raw)
+  if type(user_id) ~= 'string' or user_id == '' then return nil, EMPTY_USER_REASON end
+  local time = redis.call('TIME')
+  local facts, reason = check_message(raw, now_ms(time))
+  if not facts then return nil, reason end
+  if HISTORY_SIZE == 0 or LATEST_VALUE[facts.kind] then
+    redis.call('PUBLISH', user_channel(user_id), raw)
+    return {0, 0, false, facts.id or ''}
+  end
+  local list, meta, ids = history_keys(user_id)
+  local epoch, seq = current_epoch(meta)
+  if not epoch then epoch, seq = start_epoch(list, meta, ids, time) end
+  if facts.id then
+    local original = redis.call('ZSCORE', ids, facts.id)
+    if original then return {tonumber(original), 1, epoch, facts.id} end
+  end
+  seq = redis.call('HINCRBY', meta, 'seq', 1)
+  local message_id = facts.id or (epoch .. '-' .. int_text(seq))
+  local data = record_text(seq, epoch, message_id, facts, raw)
+  redis.call('RPUSH', list, data)
+  redis.call('LTRIM', list, -HISTORY_SIZE, -1)
+  if facts.id then redis.call('ZADD', ids, seq, facts.id) end
+  if seq > HISTORY_SIZE then redis.call('ZREMRANGEBYSCORE', ids, '-inf', seq - HISTORY_SIZE) end
+  redis.call('PEXPIRE', list, HISTORY_TTL_MS)
+  redis.call('PEXPIRE', meta, HISTORY_TTL_MS)
+  redis.call('PEXPIRE', ids, HISTORY_TTL_MS)
+  redis.call('PUBLISH', user_channel(user_id), data)
+  return {seq, 0, epoch, message_id}
+end
+
+local function refused(reason) return redis.error_reply(INVALID_MESSAGE_PREFIX .. reason) end
+
+local function one_key(keys)
+  if #keys ~= 1 then return redis.error_reply('ERR expects exactly 1 key: the userId') end
+end
+
+-- FCALL <prefix>_record 1 <userId> <message JSON> -> {seq, duplicate 0/1, epoch or nil, message id}
+local function record_function(keys, args)
+  local bad = one_key(keys)
+  if bad then return bad end
+  local result, reason = record(keys[1], args[1])
+  if not result then return refused(reason) end
+  return result
+end
+
+-- FCALL <prefix>_publish 1 <userId> <message JSON> -> seq (0: delivered live, not recorded)
+local function publish_function(keys, args)
+  local result = record_function(keys, args)
+  if result.err then return result end
+  return result[1]
+end
+
+-- FCALL <prefix>_position 1 <userId> -> {epoch, seq}; the epoch is created when there is none.
+local function position_function(keys)
+  local bad = one_key(keys)
+  if bad then return bad end
+  local list, meta, ids = history_keys(keys[1])
+  local epoch, seq = current_epoch(meta)
+  if not epoch then epoch, seq = start_epoch(list, meta, ids, redis.call('TIME')) end
+  return {epoch, seq}
+end
+
+-- FCALL_RO <prefix>_since 1 <userId> <epoch> <since> -> {recoverable 0/1, epoch ('' if none), seq, records...}
+local function since_function(keys, args)
+  local bad = one_key(keys)
+  if bad then return bad end
+  local after = tonumber(args[2])
+  if not after or after < 0 or after ~= math.floor(after) then
+    return redis.error_reply('ERR since must be an integer >= 0')
+  end
+  local list, meta = history_keys(keys[1])
+  local epoch, seq = current_epoch(meta)
+  if not epoch then return {0, '', 0} end
+  local kept = redis.call('LLEN', list)
+  if epoch ~= args[1] or after > seq or after < seq - kept then return {0, epoch, seq} end
+  local reply = {1, epoch, seq}
+  if after == seq then return reply end
+  local now = now_ms(redis.call('TIME'))
+  for _, data in ipairs(redis.call('LRANGE', list, after - seq, -1)) do
+    local expires = tonumber(string.match(data, EXPIRES_AT))
+    if not expires or expires > now then reply[#reply + 1] = data end
+  end
+  return reply
+end
+
+redis.register_function(FN .. '_record', record_function)
+redis.register_function(FN .. '_publish', publish_function)
+redis.register_function(FN .. '_position', position_function)
+redis.register_function{function_name = FN .. '_since', callback = since_function, flags = {'no-writes'}}
+"""
+
+
+def lua_string(text: str) -> str:
+    """A Lua literal for any text: bytes outside a safe set become decimal escapes."""
+    safe = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_:.-, "
+    return "'" + "".join(chr(b) if b in safe else f"\\{b}" for b in text.encode()) + "'"
+
+
+def render_library(keys: Keys, *, size: int, ttl_s: float, max_message_size: int) -> tuple[str, str]:
+    """The library source for these settings, and its version (a hash of the source).
+
+    The version is served by `<prefix>_history_version`, so `load()` can tell in one cheap call
+    whether Redis already runs exactly this source."""
+    if size < 0 or ttl_s <= 0 or max_message_size <= 0:
+        raise ValueError("HISTORY_SIZE must be >= 0, HISTORY_TTL and MAX_MESSAGE_SIZE > 0")
+    required = ", ".join(f"[{lua_string(kind)}] = {{{', '.join(map(lua_string, fields))}}}"
+                         for kind, fields in SERVICE_REQUIRED_FIELDS.items())
+    latest = ", ".join(f"[{lua_string(kind)}] = true" for kind in sorted(LATEST_VALUE_TYPES))
+    constants = "\n".join([
+        f"local PREFIX = {lua_string(keys.prefix)}",
+        f"local FN = {lua_string(keys.function_prefix())}",
+        f"local HISTORY_SIZE = {size}",
+        f"local HISTORY_TTL_MS = {max(1, round(ttl_s * 1000))}",
+        f"local MAX_MESSAGE_SIZE = {max_message_size}",
+        f"local MAX_ID_LENGTH = {MAX_ID_LENGTH}",
+        f"local MAX_SAFE_INTEGER = {MAX_SAFE_INTEGER}",
+        f"local REQUIRED = {{{required}}}",
+        f"local TYPE_NAMES = {lua_string(', '.join(SERVICE_REQUIRED_FIELDS))}",
+        f"local LATEST_VALUE = {{{latest}}}",
+        f"local INVALID_MESSAGE_PREFIX = {lua_string(INVALID_MESSAGE_PREFIX)}",
+        f"local NOT_JSON_REASON = {lua_string(NOT_JSON_REASON)}",
+        f"local UNKNOWN_TYPE_REASON = {lua_string(UNKNOWN_TYPE_REASON)}",
+        f"local EXPIRES_AT_REASON = {lua_string(EXPIRES_AT_REASON)}",
+        f"local EXPIRED_REASON = {lua_string(EXPIRED_REASON)}",
+        f"local EMPTY_USER_REASON = {lua_string(EMPTY_USER_REASON)}",
+    ])
+    source = f"#!lua name={keys.history_library()}\n{constants}\n{LIBRARY_BODY}"
+    version = hashlib.sha1(source.encode()).hexdigest()
+    source += (f"redis.register_function{{function_name = FN .. '_history_version', "
+               f"callback = function() return '{version}' end, flags = {{'no-writes'}}}}\n")
+    return source, version
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _data(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+class RedisHistory:
+    """`History` over the library; the gateway calls `load()` at start and after every reconnect."""
+
+    def __init__(self, redis: Redis, keys: Keys, size: int, ttl_s: float, max_message_size: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._source, self._version = render_library(keys, size=size, ttl_s=ttl_s, max_message_size=max_message_size)
+        self._record = keys.function("record")
+        self._position = keys.function("position")
+        self._since = keys.function("since")
+        self._version_function = keys.function("history_version")
+
+    async def load(self) -> None:
+        """Make sure Redis runs this exact library; one read-only call when it already does.
+
+        FUNCTION LOAD REPLACE is atomic, so instances loading at once, or a service calling the
+        function meanwhile, see either the old library or the new one. Raises BusUnavailable."""
+        try:
+            if await self._loaded_version() == self._version:
+                return
+            await self._redis.function_load(self._source, replace=True)
+        except (RedisError, OSError) as exc:
+            raise BusUnavailable(f"loading the history functions failed: {exc}") from None
+        log.info("loaded Redis function library %s (version %s)", self._keys.history_library(), self._version[:12])
+
+    async def _loaded_version(self) -> str | None:
+        try:
+            return _text(await self._redis.fcall_ro(self._version_function, 0))
+        except ResponseError as exc:
+            if FUNCTION_NOT_FOUND in str(exc):
+                return None
+            raise
+
+    async def record(self, user_id: str, message: bytes | str) -> RecordResult:
+        seq, duplicate, epoch, message_id = await self._call(self._record, user_id, message)
+        return RecordResult(seq=int(seq), epoch=None if epoch is None else _text(epoch), duplicate=bool(duplicate),
+                            message_id=_text(message_id), recorded=int(seq) > 0)
+
+    async def position(self, user_id: str) -> Position:
+        epoch, seq = await self._call(self._position, user_id)
+        return Position(epoch=_text(epoch), seq=int(seq))
+
+    async def since(self, user_id: str, epoch: str, since: int) -> Replay:
+        require_since(since)
+        recoverable, current, seq, *records = await self._call(self._since, user_id, epoch, since, read_only=True)
+        return Replay(recoverable=bool(recoverable), epoch=_text(current), seq=int(seq),
+                      records=[_data(record) for record in records])
+
+    async def _call(self, function: str, user_id: str, *args: str | bytes | int, read_only: bool = False) -> Any:
+        """One FCALL; a missing library (Redis restarted empty, FUNCTION FLUSH) is loaded and the call retried once."""
+        call = self._redis.fcall_ro if read_only else self._redis.fcall
+        for attempt in (1, 2):
+            try:
+                return await call(function, 1, user_id, *args)
+            except ResponseError as exc:
+                text = str(exc)
+                if text.startswith(INVALID_MESSAGE_PREFIX):
+                    raise refusal(text.removeprefix(INVALID_MESSAGE_PREFIX)) from None
+                if FUNCTION_NOT_FOUND not in text or attempt == 2:
+                    raise BusUnavailable(text) from None
+                log.warning("history functions missing in Redis (restarted empty or flushed?): loading them")
+            except (RedisError, OSError) as exc:
+                raise BusUnavailable(str(exc)) from None
+            await self.load()
+        raise AssertionError("unreachable")

@@ -1,0 +1,112 @@
+"""Recorded publishing for Python services (PROTOCOL.md 7.1): a typed wrapper over `FCALL <prefix>_record`.
+
+A plain `PUBLISH gateway:user:{userId}` is live-only: a message sent while a phone switches
+networks reaches no one. Recording through the gateway's Redis function gives the message a
+per-user seq and keeps it in the user's history, so a reconnecting client gets it replayed::
+
+    from redis.asyncio import Redis
+    from tornado_gateway.publisher import Publisher, PublishRefused
+
+    publisher = Publisher(Redis.from_url("redis://redis:6379"))
+    result = await publisher.publish("u1", "ride_request", {"requestId": "r1", "pickup": "MG Road"},
+                                     message_id="ride-r1-offer-1", expires_at_ms=now_ms + 30_000, receipt=True)
+    result.seq, result.duplicate  # (7, False); retrying with the same message_id gives (7, True)
+
+Services in other languages call the same function (it returns the seq, 0 for the live-only
+types `driver_location` and `eta_update`)::
+
+    redis-cli FCALL gateway_publish 1 u1 '{"type":"ride_request","payload":{"requestId":"r1"},"id":"ride-r1-offer-1"}'
+
+The gateway loads the function into Redis at start and after Redis comes back; a service only
+calls it. With another REDIS_PREFIX the function is `<prefix>_publish` (characters other than
+letters, digits and `_` in the prefix become `_`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from .history import INVALID_MESSAGE_PREFIX
+from .history_redis import FUNCTION_NOT_FOUND
+from .messages import dumps
+from .redis_keys import Keys
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """`seq` 0 means delivered live without recording (latest-value types, or HISTORY_SIZE=0);
+    then `epoch` is None. `duplicate`: `message_id` was already recorded, nothing was sent again
+    and `seq` is the original one."""
+
+    seq: int
+    duplicate: bool
+    epoch: str | None
+    message_id: str
+
+
+class PublishRefused(Exception):
+    """The gateway's function refused the message (unknown type, missing fields, expired, ...):
+    retrying will not help. `reason` says what to fix."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class FunctionNotLoaded(RuntimeError):
+    """Redis has no gateway function under this prefix (no gateway has started against it yet,
+    Redis restarted empty and no gateway has reconnected yet, or the prefix is wrong)."""
+
+
+class Publisher:
+    def __init__(self, redis: Redis, prefix: str = "gateway") -> None:
+        self._redis = redis
+        self._function = Keys(prefix).function("record")
+
+    async def publish(self, user_id: str, type: str, payload: dict[str, Any], *, message_id: str | None = None,
+                      expires_at_ms: int | None = None, receipt: bool = False) -> PublishResult:
+        """Record and deliver one message to every device of `user_id`.
+
+        Give a `message_id` to retry safely (7.3); `expires_at_ms` (ms since the epoch) keeps a
+        lapsed offer from being delivered or replayed; `receipt=True` asks the app to confirm
+        it saw the message (7.5). Raises PublishRefused, FunctionNotLoaded, or redis-py's errors
+        when Redis is unreachable (then retrying with the same `message_id` is safe)."""
+        body = self._encode(type, payload, message_id, expires_at_ms, receipt)
+        try:
+            seq, duplicate, epoch, recorded_id = await self._redis.fcall(self._function, 1, user_id, body)
+        except ResponseError as exc:
+            raise self._explain(exc) from None
+        return PublishResult(seq=int(seq), duplicate=bool(duplicate), epoch=None if epoch is None else _text(epoch),
+                             message_id=_text(recorded_id))
+
+    @staticmethod
+    def _encode(kind: str, payload: dict[str, Any], message_id: str | None, expires_at_ms: int | None,
+                receipt: bool) -> str:
+        message: dict[str, Any] = {"type": kind, "payload": payload}
+        if message_id is not None:
+            message["id"] = message_id
+        if expires_at_ms is not None:
+            message["expiresAt"] = expires_at_ms
+        if receipt:
+            message["receipt"] = True
+        try:
+            return dumps(message)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise PublishRefused(f"the message cannot be encoded as JSON: {exc}") from None
+
+    def _explain(self, exc: ResponseError) -> Exception:
+        text = str(exc)
+        if text.startswith(INVALID_MESSAGE_PREFIX):
+            return PublishRefused(text.removeprefix(INVALID_MESSAGE_PREFIX))
+        if FUNCTION_NOT_FOUND in text:
+            return FunctionNotLoaded(f"Redis has no function {self._function}: start a gateway instance first: it "
+                                     "loads the function (or check that the prefix matches the gateway's REDIS_PREFIX)")
+        return exc
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
