@@ -15,7 +15,7 @@ from tornado_gateway.config import DEV_JWT_SECRET, ConfigError, load_settings
 from tornado_gateway.connection import Connection
 from tornado_gateway.errors import ErrorCode, GatewayError, ValidationError
 from tornado_gateway.flow import FlowControl
-from tornado_gateway.heartbeat import MAX_BUCKETS, bucket_plan, is_stale
+from tornado_gateway.heartbeat import MAX_BUCKETS, HeartbeatScheduler, bucket_plan, is_stale
 from tornado_gateway.hub import Hub
 from tornado_gateway.messages import (
     LOCATION_UPDATE_SCHEMA,
@@ -257,3 +257,26 @@ def test_only_the_configured_hmac_algorithms_are_accepted() -> None:
     assert verifier.claims(jwt.encode(claims, "k" * 64, algorithm="HS512"))["sub"] == "u1"
     with pytest.raises(GatewayError, match="algorithm is not allowed"):
         verifier.claims(jwt.encode(claims, "k" * 64, algorithm="HS384"))
+
+
+class ClosingLimit:
+    """An outbound limit that every client exceeds: each heartbeat send closes its connection."""
+
+    def __init__(self, scheduler: HeartbeatScheduler) -> None:
+        self.scheduler = scheduler
+
+    def admits(self, connection: Connection, size: int) -> bool:
+        self.scheduler.remove(connection)
+        return False
+
+
+def test_a_heartbeat_tick_survives_clients_closed_by_the_outbound_limit_while_it_runs() -> None:
+    scheduler = HeartbeatScheduler(0.02, 10.0, IdGenerator("gw"), on_stale=lambda c: None)
+    limit = ClosingLimit(scheduler)
+    clients = [conn(f"c{n}", f"u{n}", "d") for n in range(3)]
+    for client in clients:
+        client.outbound = limit
+        client.opening = None
+        scheduler.add(client)
+    scheduler.tick()
+    assert all(client.bucket == -1 for client in clients)

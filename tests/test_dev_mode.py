@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.helpers import ROOT, GatewayProcess, make_token
+from tests.helpers import ROOT, Client, GatewayProcess, make_token
 from tornado_gateway.config import DEV_JWT_SECRET
 
 
@@ -42,3 +42,20 @@ def test_token_command_mints_a_token_the_gateway_accepts() -> None:
     claims = jwt.decode(result.stdout.strip(), env["JWT_SECRET"], algorithms=["HS256"])
     assert (claims["sub"], claims["userType"]) == ("u5", "rider")
     assert 0 < claims["exp"] - claims["iat"] <= 60
+
+
+async def test_the_embedded_bus_records_and_replays_like_redis(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gateway: GatewayProcess = make_gateway({"JWT_SECRET": ""}, url="memory://", args=["--dev"])
+    token = make_token("dev-user", secret=DEV_JWT_SECRET)
+    client = await gateway.connect("dev-user", token=token)
+    epoch = client.frames[0]["payload"]["epoch"]
+    client.close()
+    for n in (1, 2):
+        status, body = await gateway.http("POST", "/broadcast/user/dev-user",
+                                          {"type": "ride_request", "payload": {"requestId": f"r{n}"}})
+        assert (status, body["seq"]) == (202, n)
+    back = await Client.open(gateway.ws_url(token=token, userType="driver", deviceId="d1", platform="ios",
+                                            since="0", epoch=epoch))
+    assert (await back.recv("connected"))["payload"]["recovered"] is True
+    assert [(await back.recv("ride_request"))["seq"] for _ in range(2)] == [1, 2]
+    back.close()

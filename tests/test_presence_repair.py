@@ -122,3 +122,4 @@ def test_two_runs_of_one_server_id_never_share_connection_or_message_ids() -> No
     assert not first_ids & second_ids
     assert all(i.startswith("gw-7.") for i in first_ids | second_ids)
 
+

@@ -11,7 +11,8 @@ with a subscriber, and `/stats`.
 What "nothing left" means, from presence_redis.py and redis_keys.py: the instance's own keys only,
 `{prefix}:servers` (set of instance ids) and `{prefix}:server:{serverId}` (its stats hash). Its users set
 `{prefix}:server:{serverId}:users` loses a user with the user's last local device, so Redis deletes it
-when empty; presence hashes `{prefix}:presence:{userId}` lose each device entry on close, likewise.
+when empty; presence hashes `{prefix}:presence:{userId}` lose each device entry on close, likewise. History
+keys `{prefix}:history:{userId}...` stay until their HISTORY_TTL expiry (by design), so only ones without it count.
 
 Baselines are taken after a warm-up (WARMUP_CONNECTIONS), so the first connections' one-off growth (allocator
 arenas, Redis connection pool filled to the burst's concurrency, caches that fill once) does not count.
@@ -109,7 +110,16 @@ class Churn:
         return {f"{prefix}:servers", f"{prefix}:server:{self.gateway.server_id}"}
 
     def keys(self) -> set[str]:
-        return {k.decode() for k in self.redis.scan_iter(f"{self.gateway.prefix}:*", count=1000)}
+        """Keys under the prefix, less the users' history keys (PROTOCOL.md 7.1: a user's epoch exists
+        from the first connection on) as long as each carries its HISTORY_TTL expiry: one without
+        would be a leak and is counted."""
+        keys = [k.decode() for k in self.redis.scan_iter(f"{self.gateway.prefix}:*", count=1000)]
+        history = [k for k in keys if ":history:" in k]
+        pipe = self.redis.pipeline(transaction=False)
+        for key in history:
+            pipe.pttl(key)
+        expiring = {key for key, ttl in zip(history, pipe.execute(), strict=True) if ttl > 0}
+        return set(keys) - expiring
 
     def user_channels(self) -> list[str]:
         return sorted(c.decode() for c in self.redis.pubsub_channels(f"{self.gateway.prefix}:user:*"))

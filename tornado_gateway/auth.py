@@ -11,7 +11,7 @@ import dataclasses
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, NewType
+from typing import Any, Final, NewType
 
 import jwt
 from jwt.algorithms import HMACAlgorithm
@@ -34,6 +34,15 @@ class ConnectParams:
     user_type: UserType
     device_id: DeviceId
     platform: Platform
+    resume: Resume | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Resume:
+    """`since` + `epoch` (PROTOCOL.md 7.2): the last recorded message the client handled."""
+
+    since: int
+    epoch: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,10 +78,28 @@ def parse_connect_params(query: Mapping[str, Sequence[str]], authorization: str 
     platform = _single(query, "platform")
     if platform not in PLATFORMS:
         raise invalid_params(f"platform must be one of {', '.join(PLATFORMS)}")
+    resume = parse_resume(_single(query, "since"), _single(query, "epoch"))
     token = _single(query, "token") or bearer_token(authorization)
     if not token:
         raise auth_failed("token is missing: pass ?token= or an Authorization: Bearer header")
-    return ConnectParams(token, user_type, DeviceId(device_id), platform)
+    return ConnectParams(token, user_type, DeviceId(device_id), platform, resume)
+
+
+MAX_SINCE: Final = 2**53 - 1  # what every client language holds exactly
+EPOCH_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
+
+
+def parse_resume(since: str | None, epoch: str | None) -> Resume | None:
+    """Both or neither; `since` a decimal integer >= 0. Anything else is 4400, never a guess."""
+    if since is None and epoch is None:
+        return None
+    if since is None or epoch is None:
+        raise invalid_params("since and epoch must be given together")
+    if not since.isascii() or not since.isdigit() or len(since) > 16 or int(since) > MAX_SINCE:
+        raise invalid_params("since must be an integer >= 0 (the last seq the client handled)")
+    if not EPOCH_RE.match(epoch):
+        raise invalid_params("epoch must be the epoch from `connected` (1-64 characters of A-Z a-z 0-9 . _ : -)")
+    return Resume(int(since), epoch)
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -51,8 +51,9 @@ class Bus(Protocol):
 
     async def publish_event(self, kind: str, data: str) -> None: ...
 
-    async def append_dispatch_response(self, data: str) -> None:
-        """XADD to the dispatch stream (capped), then PUBLISH to its channel."""
+    async def append_event(self, kind: str, data: str) -> None:
+        """XADD to the kind's stream `gateway:stream:{kind}` (capped), then PUBLISH to its channel: the
+        events a service must not miss (dispatch responses, receipts) go to both."""
 
     async def send_control(self, server_id: str, data: str) -> None: ...
 
@@ -90,15 +91,19 @@ class MemoryBus:
         self._users.discard(user_id)
 
     async def publish_user(self, user_id: str, data: str) -> None:
+        self.deliver(user_id, data.encode())
+
+    def deliver(self, user_id: str, data: bytes) -> None:
+        """Next loop iteration, like a message coming back from Redis (MemoryHistory publishes here)."""
         if self._listener is not None and user_id in self._users:
-            asyncio.get_running_loop().call_soon(self._listener.on_user_message, user_id, data.encode())
+            asyncio.get_running_loop().call_soon(self._listener.on_user_message, user_id, data)
 
     async def publish_event(self, kind: str, data: str) -> None:
         self.events_dropped += 1
         log.debug("memory bus: %s event not forwarded (no Redis)", kind)
 
-    async def append_dispatch_response(self, data: str) -> None:
-        await self.publish_event("dispatch_response", data)
+    async def append_event(self, kind: str, data: str) -> None:
+        await self.publish_event(kind, data)
 
     async def send_control(self, server_id: str, data: str) -> None:
         return None

@@ -143,13 +143,13 @@ class RedisBus:
             raise BusUnavailable(str(exc)) from None
         self._metrics.timing(m.REDIS_PUBLISH_MS, (time.perf_counter() - started) * 1000.0)
 
-    async def append_dispatch_response(self, data: str) -> None:
+    async def append_event(self, kind: str, data: str) -> None:
         started = time.perf_counter()
         try:
             # Both go out in the same write; the ack waits for the stream entry, as the contract says.
-            added = self._commands.call("XADD", self._keys.dispatch_stream, "MAXLEN", "~", self._stream_maxlen,
+            added = self._commands.call("XADD", self._keys.stream(kind), "MAXLEN", "~", self._stream_maxlen,
                                         "*", "data", data)
-            published = self._commands.call("PUBLISH", self._keys.events("dispatch_response"), data)
+            published = self._commands.call("PUBLISH", self._keys.events(kind), data)
             await asyncio.gather(added, published)
         except REDIS_ERRORS as exc:
             self._metrics.incr(m.REDIS_ERRORS)

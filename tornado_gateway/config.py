@@ -52,6 +52,8 @@ class Settings:
     reuse_port: bool = False
     shutdown_drain_s: float = 5.0
     dispatch_stream_maxlen: int = 100_000
+    history_size: int = 100  # recorded messages kept per user (PROTOCOL.md 7.1); 0 = no recording
+    history_ttl_s: float = 300.0  # a user's history is dropped this long after its last recorded message
     log_level: str = "INFO"
     # Abuse limits (0 disables a limit).
     rate_limit_per_s: float = 20.0  # inbound messages per connection, sustained
@@ -102,6 +104,8 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "reuse_port": (bool, "REUSE_PORT"),
     "shutdown_drain_s": (float, "SHUTDOWN_DRAIN_SECONDS"),
     "dispatch_stream_maxlen": (int, "DISPATCH_STREAM_MAXLEN"),
+    "history_size": (int, "HISTORY_SIZE"),
+    "history_ttl_s": (float, "HISTORY_TTL"),
     "log_level": (str, "LOG_LEVEL"),
     "rate_limit_per_s": (float, "RATE_LIMIT_PER_SECOND"),
     "rate_limit_burst": (int, "RATE_LIMIT_BURST"),
@@ -121,7 +125,8 @@ _OPTIONS: dict[str, tuple[type, str]] = {
 #: Conf files may use the contract's short names (heartbeat_interval) too.
 _CONF_ALIASES = {"heartbeat_interval": "heartbeat_interval_s", "heartbeat_timeout": "heartbeat_timeout_s",
                  "instance_ttl": "instance_ttl_s", "shutdown_drain_seconds": "shutdown_drain_s",
-                 "rate_limit_per_second": "rate_limit_per_s", "token_expiry_grace": "token_expiry_grace_s"}
+                 "rate_limit_per_second": "rate_limit_per_s", "token_expiry_grace": "token_expiry_grace_s",
+                 "history_ttl": "history_ttl_s"}
 
 
 def env_name(option: str) -> str:
@@ -227,6 +232,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("HEARTBEAT_INTERVAL must be > 0 and HEARTBEAT_TIMEOUT greater than it")
     if settings.max_message_size < 256:
         raise ConfigError("MAX_MESSAGE_SIZE must be at least 256 bytes")
+    if settings.history_size < 0 or settings.history_ttl_s <= 0:
+        raise ConfigError("HISTORY_SIZE must be >= 0 (0 turns recording off) and HISTORY_TTL > 0 seconds")
     if settings.instance_ttl_s < 1:
         raise ConfigError("INSTANCE_TTL must be at least 1 second")
     if settings.processes < 1:

@@ -45,7 +45,7 @@ class OutboundLimit(Protocol):
 class Connection:
     __slots__ = ("connection_id", "identity", "transport", "last_seen", "opened_at", "closed", "close_code",
                  "close_reason", "bucket", "remote_ip", "limiter", "expiry_timer", "coalesced", "opening",
-                 "outbound")
+                 "outbound", "epoch", "last_seq")
 
     def __init__(self, connection_id: str, identity: Identity, transport: Transport, remote_ip: str,
                  limiter: MessageLimiter | None = None, outbound: OutboundLimit | None = None) -> None:
@@ -64,8 +64,12 @@ class Connection:
         self.coalesced: dict[str, bytes] | None = None  # latest-wins frames held while the socket is congested
         # Until `connected` is sent, what is sent waits here: a message for the user can arrive as soon
         # as the user's channel is subscribed, and `connected` is always the first frame a client gets.
-        self.opening: list[str | bytes] | None = []
+        # Recorded messages wait here as (seq, frame), so that a replay read meanwhile can skip them.
+        self.opening: list[str | bytes | tuple[int, bytes]] | None = []
         self.outbound = outbound
+        # The history position this client has seen (PROTOCOL.md 7): a recorded message reaches it once.
+        self.epoch: str | None = None
+        self.last_seq = 0
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
@@ -89,12 +93,41 @@ class Connection:
             return True
         return self.transport.write_frame(data)
 
+    def take_record(self, epoch: str, seq: int) -> bool:
+        """Whether a recorded message is new to this client (a replay and live delivery may both
+        bring it); a new epoch means the user's history started again, so its seqs are new."""
+        if epoch == self.epoch and seq <= self.last_seq:
+            return False
+        self.epoch, self.last_seq = epoch, seq
+        return True
+
+    def hold_record(self, seq: int, frame: bytes) -> None:
+        """A recorded message accepted by `take_record` before `connected`: held with its seq."""
+        if self.opening is not None and not self.closed:
+            self.opening.append((seq, frame))
+
     def open_with(self, connected: str | bytes) -> None:
         """Send `connected`, then whatever arrived for the client while it was being set up."""
+        self.write_first(connected)
+        self.release_held()
+
+    def write_first(self, data: str | bytes) -> bool:
+        """Write ahead of what is held: `connected`, then a replay, go before live messages."""
+        if self.closed:
+            return False
+        return self.transport.write_frame(data)
+
+    def release_held(self, replayed_up_to: int = 0) -> None:
+        """Send what arrived during the set-up; a recorded message only if a replay (which ended
+        at seq `replayed_up_to`) did not already carry it: each arrives exactly once."""
         held, self.opening = self.opening, None
-        self.send(connected)
-        for data in held or ():
-            self.send(data)
+        for item in held or ():
+            if isinstance(item, tuple):
+                if item[0] > replayed_up_to:
+                    self.send(item[1])
+            else:
+                self.send(item)
+        self.last_seq = max(self.last_seq, replayed_up_to)
 
     def send_error(self, ids: IdGenerator, code: ErrorCode, message: str, ref: str | None = None) -> None:
         self.send(dumps(envelope("error", error_payload(code, message, ref), ids.next())))

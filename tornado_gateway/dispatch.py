@@ -25,6 +25,7 @@ from .messages import (
     DISPATCH_RESPONSE_SCHEMA,
     HEARTBEAT_ACK_SCHEMA,
     LOCATION_UPDATE_SCHEMA,
+    RECEIPT_SCHEMA,
     TOKEN_REFRESH_SCHEMA,
     USER_TYPES,
     Schema,
@@ -60,6 +61,7 @@ COMMANDS: Final[dict[str, Command]] = {
     "dispatch_response": Command(DISPATCH_RESPONSE_SCHEMA, MOVING, commands.dispatch_response,
                                  "dispatch_response is for drivers and delivery partners"),
     "token_refresh": Command(TOKEN_REFRESH_SCHEMA, EVERYONE, commands.token_refresh),
+    "receipt": Command(RECEIPT_SCHEMA, EVERYONE, commands.receipt),
 }
 
 

@@ -18,13 +18,14 @@ import logging
 import resource
 import secrets
 import time
-from typing import Any, TypedDict
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Final, TypedDict
 
 import ujson
 from tornado.ioloop import PeriodicCallback
 
 from . import metrics as m
-from .auth import Identity, TokenVerifier
+from .auth import Identity, Resume, TokenVerifier
 from .backoff import Backoff
 from .bus import Bus, BusUnavailable
 from .config import Settings
@@ -32,16 +33,29 @@ from .connection import Connection, Transport
 from .errors import CloseCode, ErrorCode, GatewayError, ValidationError, close_reason_name
 from .flow import FlowControl, coalesce_key
 from .heartbeat import HeartbeatScheduler
+from .history import LATEST_VALUE_TYPES, History, Record, RecordResult, decode_record
 from .hub import Hub
 from .limits import ConnectLimiter, MessageLimiter
-from .messages import ConnectedPayload, IdGenerator, dumps, envelope, validate_service_message
+from .messages import (
+    ConnectedPayload,
+    IdGenerator,
+    dumps,
+    envelope,
+    expired,
+    now_ms,
+    service_frame,
+    validate_service_message,
+)
 from .metrics import Metrics
 from .presence import DeviceLimitReached, Presence, Registration, ServerStats, uptime_s
 
 log = logging.getLogger(__name__)
 
 METRICS_FLUSH_MS = 1000.0
+RESYNC_MIN_GAP_S = 1.0
 RESYNC_LOG_EVERY = 15  # attempts between two warnings while Redis keeps failing
+RECORD_HEAD: Final = b'{"recorded"'  # history.record_bytes: a recorded message on a user channel
+REPLAY_BUDGET: Final = 512 * 1024  # bytes of replay queued at once when MAX_OUTBOUND_BUFFER is off
 FD_RESERVE = 512  # descriptors kept for Redis, logs and sockets between accept() and refusal
 
 
@@ -54,6 +68,11 @@ def freeze_survivors() -> None:
     close), so frozen objects that die later are still reclaimed; full collections then only see
     what was allocated since the last housekeeping tick."""
     gc.freeze()
+
+
+def _passed_on(message: dict[str, Any]) -> dict[str, Any]:
+    """The producer's top-level `expiresAt` and `receipt` travel with the message (PROTOCOL.md 7.3, 7.5)."""
+    return {k: message[k] for k in ("expiresAt", "receipt") if k in message}
 
 
 def file_limit() -> int:
@@ -70,18 +89,32 @@ class ControlMessage(TypedDict):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Opening:
+    """What `connected` reports about the user's history, and the replay that follows it."""
+
+    epoch: str | None = None
+    seq: int = 0
+    recovered: bool = False
+    replay: list[tuple[int, bytes]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class BroadcastResult:
     message_id: str
     devices: int
     degraded: bool  # Redis was down: delivered to this instance's devices only
+    seq: int | None = None  # recorded (PROTOCOL.md 7.1)
+    duplicate: bool = False  # the producer id was already recorded: nothing sent again (7.3)
 
 
 class Gateway:
-    def __init__(self, settings: Settings, presence: Presence, bus: Bus, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, presence: Presence, bus: Bus, metrics: Metrics,
+                 history: History | None = None) -> None:
         self.settings = settings
         self.server_id = settings.server_id
         self.presence = presence
         self.bus = bus
+        self.history = history if settings.history_size > 0 else None  # PROTOCOL.md 7; None: v1 behaviour
         self.metrics = metrics
         self.hub = Hub()
         # Ids carry this run's own token: a restarted process that keeps its SERVER_ID (a PROCESSES child)
@@ -137,6 +170,7 @@ class Gateway:
         await asyncio.sleep(0.05)  # let the close frames reach the sockets
         for timer in self._timers:  # kept running until now: a long drain must not look like a death
             timer.stop()
+        await self._stop_resync()  # a pass still writing would put back what remove_server removes
         try:
             await self.presence.remove_server(connections)
         except Exception:
@@ -171,9 +205,13 @@ class Gateway:
             self._replace(added.replaced)
         return conn
 
-    async def establish(self, conn: Connection) -> None:
-        """Subscribe, register, then `connected`; a connection closed on the way registers nothing more."""
+    async def establish(self, conn: Connection, resume: Resume | None = None) -> None:
+        """Subscribe, register, read the history position (and a replay), then `connected`; a
+        connection closed on the way registers nothing more."""
         identity = conn.identity
+        opening = Opening()
+        if resume is not None:  # live recorded messages the client already handled are not sent again
+            conn.epoch, conn.last_seq = resume.epoch, resume.since
         try:
             if self._connecting.get(conn):
                 await self.bus.subscribe_user(identity.user_id)
@@ -181,6 +219,8 @@ class Gateway:
                 await self.bus.subscription_ready(identity.user_id)  # no `connected` before messages can arrive
             if not conn.closed:
                 await self._register_presence(conn)
+            if not conn.closed and self.history is not None:
+                opening = await self._history_opening(conn, resume)
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("connecting %s failed", conn.connection_id)
@@ -194,11 +234,78 @@ class Gateway:
             "connectionId": conn.connection_id, "serverId": self.server_id, "userId": identity.user_id,
             "userType": identity.user_type, "deviceId": identity.device_id, "platform": identity.platform,
             "heartbeatInterval": int(self.settings.heartbeat_interval_s * 1000)}
-        conn.open_with(dumps(envelope("connected", payload, self.ids.next())))
+        if opening.epoch is not None:
+            payload["epoch"], payload["seq"] = opening.epoch, opening.seq
+        if resume is not None:
+            payload["recovered"] = opening.recovered
+        conn.write_first(dumps(envelope("connected", payload, self.ids.next())))
+        replayed_up_to = await self._replay(conn, opening.replay)
+        conn.release_held(replayed_up_to)
         self.metrics.incr(m.CONNECTIONS_OPENED)
         log.info("opened %s user=%s type=%s device=%s platform=%s server=%s ip=%s", conn.connection_id,
                  identity.user_id, identity.user_type, identity.device_id, identity.platform, self.server_id,
                  conn.remote_ip)
+
+    async def _history_opening(self, conn: Connection, resume: Resume | None) -> Opening:
+        """Read after the subscription is live: whatever is recorded later arrives live (held until
+        `connected`), whatever before is in the position or the replay; `release_held` drops the overlap."""
+        assert self.history is not None
+        user_id = conn.identity.user_id
+        try:
+            if resume is not None:
+                replay = await self.history.since(user_id, resume.epoch, resume.since)
+                if replay.epoch:
+                    self.metrics.incr(m.RESUMES.format(outcome="recovered" if replay.recoverable else "not_recovered"))
+                    return Opening(replay.epoch, replay.seq, replay.recoverable, self._replay_frames(replay.records))
+            position = await self.history.position(user_id)
+        except BusUnavailable as exc:
+            log.warning("history unavailable for %s (%s): connected without a position", conn.connection_id, exc)
+            if resume is not None:
+                self.metrics.incr(m.RESUMES.format(outcome="not_recovered"))
+            return Opening()
+        if resume is not None:
+            self.metrics.incr(m.RESUMES.format(outcome="not_recovered"))
+        return Opening(position.epoch, position.seq)
+
+    def _replay_frames(self, records: list[bytes]) -> list[tuple[int, bytes]]:
+        frames: list[tuple[int, bytes]] = []
+        for data in records:
+            prepared = self._record_frame(data)
+            if prepared is not None:
+                frames.append((prepared[0].seq, prepared[1]))
+        return frames
+
+    async def _replay(self, conn: Connection, frames: list[tuple[int, bytes]]) -> int:
+        """Write the replay ahead of live messages, paced by the socket: a replay larger than
+        MAX_OUTBOUND_BUFFER waits for the client to read rather than closing it as slow."""
+        budget = self.settings.max_outbound_buffer // 2 or REPLAY_BUDGET
+        top = 0
+        for seq, frame in frames:
+            if conn.closed:
+                break
+            if conn.transport.buffered_bytes() + len(frame) > budget and not await self._drained(conn):
+                self._close_slow(conn)
+                break
+            conn.write_first(frame)
+            top = seq
+        if frames:
+            self.metrics.incr(m.MESSAGES_REPLAYED, len(frames))
+        return top
+
+    async def _drained(self, conn: Connection) -> bool:
+        """Whether the client read what was queued within the heartbeat timeout."""
+        drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def resolve() -> None:
+            if not drained.done():
+                drained.set_result(None)
+
+        conn.transport.on_drained(resolve)
+        try:
+            await asyncio.wait_for(drained, self.settings.heartbeat_timeout_s)
+        except TimeoutError:
+            return False
+        return not conn.closed
 
     async def _register_presence(self, conn: Connection) -> None:
         try:
@@ -208,7 +315,8 @@ class Gateway:
             return
         except Exception as exc:  # noqa: BLE001 - written by the resync loop, retried until it is
             log.warning("presence write for %s failed (%s); retrying in the background", conn.connection_id, exc)
-            self._unregistered.add(conn)
+            if not conn.closed:  # a closed one has nothing to write (and is no longer in the hub)
+                self._unregistered.add(conn)
             self.request_resync()
             return
         await self._settle(conn, registration)
@@ -222,10 +330,10 @@ class Gateway:
         if registration.over_limit:
             self._drop(conn, CloseCode.RATE_LIMITED, str(DeviceLimitReached(self.settings.max_devices_per_user)))
             return
-        newer = registration.superseded_by
-        if newer is not None:
-            log.info("%s: a newer connection of the device (%s on %s) keeps it", conn.connection_id,
-                     newer.get("connectionId"), newer.get("serverId"))
+        if registration.superseded:
+            newer = registration.superseded_by
+            log.info("%s: a newer connection of the device (%s) keeps it", conn.connection_id,
+                     f"{newer['connectionId']} on {newer['serverId']}" if newer is not None else "unreadable entry")
             self._replace(conn)
             return
         previous = registration.displaced
@@ -328,6 +436,9 @@ class Gateway:
         devices = self.hub.devices(user_id)
         if not devices:
             return
+        if data.startswith(RECORD_HEAD):
+            self._deliver_record(devices.values(), data)
+            return
         prepared = self.prepare_outbound(data)
         if prepared is None:
             return
@@ -337,13 +448,52 @@ class Gateway:
             deliver(conn, frame, key)
         self.metrics.incr(m.MESSAGES_OUT.format(type=kind), len(devices))
 
+    def _deliver_record(self, devices: Iterable[Connection], data: bytes) -> None:
+        """A recorded message: to each device that has not had it yet (a replay may have brought it)."""
+        prepared = self._record_frame(data)
+        if prepared is None:
+            return
+        record, frame, kind = prepared
+        if record.expires_at is not None and record.expires_at <= now_ms():
+            self.metrics.incr(m.MESSAGES_EXPIRED)
+            return
+        deliver, sent = self.flow.deliver, 0
+        for conn in list(devices):
+            if not conn.take_record(record.epoch, record.seq):
+                continue
+            sent += 1
+            if conn.opening is not None:
+                conn.hold_record(record.seq, frame)
+            else:
+                deliver(conn, frame, None)
+        self.metrics.incr(m.MESSAGES_OUT.format(type=kind), sent)
+        self.metrics.timing(m.DELIVERY_MS.format(type=kind), now_ms() - record.timestamp)
+
+    def _record_frame(self, data: bytes) -> tuple[Record, bytes, str] | None:
+        record = decode_record(data)
+        try:
+            if record is None:
+                raise ValidationError("not a record")
+            kind, payload, _ref, _stamp = validate_service_message(record.message)
+            return record, service_frame(kind, payload, record.id, record.timestamp, record.message,
+                                         record.seq), kind
+        except (ValueError, OverflowError, ValidationError) as exc:
+            self.metrics.incr(m.MESSAGES_DROPPED.format(reason="invalid"))
+            log.warning("dropped an undeliverable recorded message: %s", exc)
+            return None
+
     def prepare_outbound(self, data: bytes) -> tuple[bytes, str, str | None] | None:
         """Check a service message once per user (not per device); add id/timestamp only if missing."""
         try:
-            kind, payload, ref, stamp = validate_service_message(ujson.loads(data))
+            message = ujson.loads(data)
+            kind, payload, ref, stamp = validate_service_message(message)
+            if expired(message, now_ms()):
+                self.metrics.incr(m.MESSAGES_EXPIRED)
+                return None
             # Re-encoded even when id and timestamp are there: ujson accepts NaN, Infinity and lone
             # surrogates, which dumps() refuses and browsers cannot parse.
-            frame = dumps(envelope(kind, payload, ref or self.ids.next(), stamp)).encode()
+            frame = service_frame(kind, payload, ref or self.ids.next(), now_ms() if stamp is None else stamp,
+                                  message)
             return frame, kind, coalesce_key(kind, payload)
         except (ValueError, OverflowError, RecursionError, ValidationError) as exc:  # UnicodeError is a ValueError
             self.metrics.incr(m.MESSAGES_DROPPED.format(reason="invalid"))
@@ -357,8 +507,8 @@ class Gateway:
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed control message")
             return
-        if (control.get("op") == "close" and conn is not None and conn.identity.user_id == control.get("userId")
-                and conn.identity.device_id == control.get("deviceId")):
+        if (control.get("op") == "close" and conn is not None and conn.identity.device_id == control.get("deviceId")
+                and conn.identity.user_id == control.get("userId", conn.identity.user_id)):  # older releases: no userId
             self._replace(conn)
 
     def on_bus_reconnected(self) -> None:
@@ -368,14 +518,21 @@ class Gateway:
         """Make Redis match this instance again, retrying until it does: after Redis came back
         (possibly empty, possibly from a snapshot with stale entries), a failed write or removal,
         and at start (entries a previous run of this serverId left behind)."""
-        if self._resync_task is not None:
+        if self._resync_task is not None and not self._resync_task.done():
             self._resync_again = True  # what changed meanwhile is covered by one more pass
             return
         self._resync_task = asyncio.ensure_future(self._resync_until_done())
         self._resync_task.add_done_callback(self._resync_finished)
 
-    def _resync_finished(self, _task: asyncio.Task[None]) -> None:
-        self._resync_task = None
+    def _resync_finished(self, task: asyncio.Task[None]) -> None:
+        if self._resync_task is task:
+            self._resync_task = None
+
+    async def _stop_resync(self) -> None:
+        task = self._resync_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _resync_until_done(self) -> None:
         backoff = Backoff(base_s=0.1, cap_s=2.0)
@@ -393,46 +550,66 @@ class Gateway:
             if not self._resync_again:
                 return
             backoff.reset()
+            await asyncio.sleep(RESYNC_MIN_GAP_S)  # failures during a pass must not chain passes back to back
 
     async def _resync(self) -> None:
+        if self.history is not None:
+            await self.history.load()  # Redis may have come back empty: services' FCALLs need the function
+        started_us = time.time_ns() // 1000
         unregistered = self._unregistered
-        held = [(conn, self.settings.max_devices_per_user if conn in unregistered else 0)
-                for conn in self.hub if conn not in self._connecting]
-        settled = await self.presence.resync(held)
+        held = list(self.hub)
+        rewrite = [(conn, self.settings.max_devices_per_user if conn in unregistered else 0)
+                   for conn in held if conn not in self._connecting]  # those register themselves
+        settled = await self.presence.resync(held, rewrite, started_us)
         for conn, registration in settled:
             unregistered.discard(conn)
             await self._settle(conn, registration)
         await self.presence.publish_server(self.stats())
-        for conn, _cap in held:
-            if conn.closed:  # closed while the pass ran: its removal may have reached Redis before our write
-                await self.presence.unregister(conn, last_local=not self.hub.has_user(conn.identity.user_id))
-        log.info("presence resynced: %d connections", len(held))
+        closed = [conn for conn, _cap in rewrite if conn.closed]  # their removal may have preceded our write
+        await asyncio.gather(*(self.presence.unregister(conn, last_local=not self.hub.has_user(conn.identity.user_id))
+                               for conn in closed))
+        log.info("presence resynced: %d connections", len(rewrite))
 
-    async def broadcast(self, user_id: str, message: object) -> BroadcastResult:
-        """The broadcast API: validate, count the user's devices in the cluster registry, publish.
+    async def broadcast(self, user_id: str, message: object, raw: bytes | None = None) -> BroadcastResult:
+        """The broadcast API: validate, count the user's devices in the cluster registry, publish
+        (recorded, from the producer's own bytes `raw`, unless recording is off or the type is a
+        latest-value one).
 
         While Redis is down, devices of the user on this instance still get the message (degraded)."""
         kind, payload, ref, stamp = validate_service_message(message)
+        assert isinstance(message, dict)
+        if expired(message, now_ms()):
+            raise ValidationError("expiresAt has already passed")
         message_id = ref or self.ids.next()
         try:
-            text = dumps(envelope(kind, payload, message_id, stamp))
+            text = dumps(envelope(kind, payload, message_id, stamp) | _passed_on(message))
         except (OverflowError, UnicodeEncodeError):
             raise ValidationError("payload contains NaN, Infinity, a huge number or invalid UTF-8") from None
-        # Counted and published in one round trip: both ride the same pipelined write.
-        counted, published = await asyncio.gather(self.presence.device_count(user_id),
-                                                  self.bus.publish_user(user_id, text), return_exceptions=True)
+        if self.history is not None and raw is not None and kind not in LATEST_VALUE_TYPES:
+            return await self._send(user_id, self.history.record(user_id, raw), lambda: text.encode())
+        result = await self._send(user_id, self.bus.publish_user(user_id, text), lambda: text.encode())
+        return dataclasses.replace(result, message_id=message_id)
+
+    async def _send(self, user_id: str, sending: Awaitable[RecordResult | None],
+                    degraded_frame: Callable[[], bytes]) -> BroadcastResult:
+        """Count and send in one round trip (both ride the same pipelined write); when Redis failed,
+        the user's devices on this instance still get the message."""
+        counted: int | BaseException
+        sent: RecordResult | BaseException | None
+        counted, sent = await asyncio.gather(self.presence.device_count(user_id), sending, return_exceptions=True)
         local = self.hub.devices(user_id)
-        if isinstance(published, BusUnavailable):
+        if isinstance(sent, BusUnavailable):
             if not local:
-                raise published
-            count = len(local)
-            self.on_user_message(user_id, text.encode())
-            return BroadcastResult(message_id, count, degraded=True)
-        if isinstance(published, BaseException):
-            raise published
-        # Published; if only the count failed, report the devices this instance can see.
+                raise sent
+            self.on_user_message(user_id, degraded_frame())
+            return BroadcastResult("", len(local), degraded=True)
+        if isinstance(sent, BaseException):
+            raise sent
         devices = counted if isinstance(counted, int) else len(local or ())
-        return BroadcastResult(message_id, devices, degraded=False)
+        if isinstance(sent, RecordResult):
+            self.metrics.incr(m.MESSAGES_DUPLICATE if sent.duplicate else m.MESSAGES_RECORDED)
+            return BroadcastResult(sent.message_id, devices, degraded=False, seq=sent.seq, duplicate=sent.duplicate)
+        return BroadcastResult("", devices, degraded=False)
 
     # --- stats and housekeeping ---------------------------------------------------------------
 

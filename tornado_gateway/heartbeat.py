@@ -96,7 +96,7 @@ class HeartbeatScheduler:
             wall = time.time()
             for conn in [conn for conn in bucket if conn.identity.expires_at <= wall]:
                 self._on_expired(conn)
-        for conn in bucket:
+        for conn in list(bucket):  # a send may close a client over its outbound limit, leaving the bucket
             conn.send(frame)
         if self._on_tick is not None:
             self._on_tick(len(bucket), (time.perf_counter() - started) * 1000.0)

@@ -114,6 +114,10 @@ class CheckedMessage:
 
 
 class History(Protocol):
+    async def load(self) -> None:
+        """Make the recording step available (Redis: the function library, again after Redis came
+        back empty). Raises BusUnavailable while it cannot."""
+
     async def record(self, user_id: str, message: bytes | str) -> RecordResult:
         """Validate, number, store and publish one service message (the JSON `POST /broadcast` accepts).
 
@@ -310,6 +314,9 @@ class MemoryHistory:
         # ones is a pop from the front and memory stays bounded by the users of the last TTL.
         self._users: collections.OrderedDict[str, _UserHistory] = collections.OrderedDict()
         self._last_epoch_us = 0
+
+    async def load(self) -> None:
+        return None  # nothing outside this process to load into
 
     async def record(self, user_id: str, message: bytes | str) -> RecordResult:
         require_user(user_id)

@@ -77,7 +77,7 @@ class BroadcastHandler(ApiHandler):
             self.send_error_json(400, ErrorCode.INVALID_JSON, "body is not valid JSON")
             return 400
         try:
-            result = await self.gateway.broadcast(user_id, body)
+            result = await self.gateway.broadcast(user_id, body, self.request.body)
         except ValidationError as exc:
             self.send_error_json(400, exc.code, exc.message)
             return 400
@@ -86,6 +86,10 @@ class BroadcastHandler(ApiHandler):
             self.send_error_json(503, ErrorCode.UNAVAILABLE, "Redis is unavailable; retry later")
             return 503
         reply: dict[str, object] = {"messageId": result.message_id, "devices": result.devices}
+        if result.seq is not None:
+            reply["seq"] = result.seq
+        if result.duplicate:
+            reply["duplicate"] = True
         if result.degraded:
             reply["degraded"] = True
         self.send_json(202, reply)

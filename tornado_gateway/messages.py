@@ -96,6 +96,9 @@ class ConnectedPayload(TypedDict):
     deviceId: str
     platform: Platform
     heartbeatInterval: int
+    epoch: NotRequired[str]  # PROTOCOL.md 7.1: while recording is on
+    seq: NotRequired[int]
+    recovered: NotRequired[bool]  # 7.2: only when the client asked to resume
 
 
 class ErrorPayload(TypedDict):
@@ -207,6 +210,7 @@ LOCATION_UPDATE_SCHEMA: Final[Schema] = {
     "tripId": (text(), False),
 }
 TOKEN_REFRESH_SCHEMA: Final[Schema] = {"token": (text(8192), True)}
+RECEIPT_SCHEMA: Final[Schema] = {"messageId": (text(MAX_ID_LENGTH), True)}
 DISPATCH_RESPONSE_SCHEMA: Final[Schema] = {
     "requestId": (text(), True),
     "action": (one_of("accept", "reject"), True),
@@ -304,6 +308,26 @@ class IdGenerator:
 def envelope(kind: str, payload: Mapping[str, Any], message_id: str, timestamp: int | None = None) -> Envelope:
     return {"type": kind, "payload": dict(payload), "id": message_id,
             "timestamp": now_ms() if timestamp is None else timestamp}
+
+
+def service_frame(kind: str, payload: Mapping[str, Any], message_id: str, timestamp: int,
+                  message: Mapping[str, Any], seq: int | None = None) -> bytes:
+    """A service message as clients get it: the envelope, plus `seq` for a recorded message and the
+    producer's `expiresAt` and `receipt: true` passed on (PROTOCOL.md 7.3, 7.5)."""
+    frame: dict[str, Any] = {"type": kind, "payload": dict(payload), "id": message_id, "timestamp": timestamp}
+    if seq is not None:
+        frame["seq"] = seq
+    expires_at = message.get("expiresAt")
+    if isinstance(expires_at, int) and not isinstance(expires_at, bool):
+        frame["expiresAt"] = expires_at
+    if message.get("receipt") is True:
+        frame["receipt"] = True
+    return dumps(frame).encode()
+
+
+def expired(message: Mapping[str, Any], now: int) -> bool:
+    expires_at = message.get("expiresAt")
+    return isinstance(expires_at, int) and not isinstance(expires_at, bool) and expires_at <= now
 
 
 def error_payload(code: ErrorCode, message: str, ref: str | None = None) -> ErrorPayload:

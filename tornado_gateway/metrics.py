@@ -36,6 +36,12 @@ REDIS_ERRORS = "redis.errors"
 REDIS_RECONNECTS = "redis.reconnects"
 HEARTBEAT_TICK_MS = "heartbeat.tick_ms"
 HEARTBEATS_SENT = "heartbeats.sent"
+MESSAGES_RECORDED = "messages.recorded"
+MESSAGES_DUPLICATE = "messages.duplicate"
+MESSAGES_REPLAYED = "messages.replayed"
+MESSAGES_EXPIRED = "messages.expired"
+RESUMES = "resumes.{outcome}"
+DELIVERY_MS = "delivery_ms.{type}"
 
 
 class Metrics:

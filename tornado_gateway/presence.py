@@ -46,7 +46,8 @@ class Registration:
     keeps the device (then nothing was written and the connection must close as replaced)."""
 
     displaced: PresenceEntry | None = None
-    superseded_by: PresenceEntry | None = None
+    superseded: bool = False
+    superseded_by: PresenceEntry | None = None  # when readable
     over_limit: bool = False  # only from resync: a device never admitted would exceed MAX_DEVICES_PER_USER
 
 
@@ -126,10 +127,12 @@ class Presence(Protocol):
     async def reap_dead_servers(self) -> list[str]:
         """Remove the entries of instances whose live key expired; returns their ids."""
 
-    async def resync(self, connections: Iterable[tuple[Connection, int]]) -> list[tuple[Connection, Registration]]:
-        """Make Redis match this instance: remove the entries it owns but no longer holds (a
-        disconnect whose removal failed, a previous run of the same serverId), then register every
-        given (connection, device cap) again, as `register` would."""
+    async def resync(self, held: Iterable[Connection], rewrite: Iterable[tuple[Connection, int]],
+                     started_us: int) -> list[tuple[Connection, Registration]]:
+        """Make Redis match this instance: remove the entries it owns for connections not in `held`
+        and opened before `started_us` (a disconnect whose removal failed, a previous run of the same
+        serverId; never a connection that registered while the pass ran), then register every
+        (connection, device cap) of `rewrite` again, as `register` would."""
 
 
 class MemoryPresence:
@@ -147,7 +150,7 @@ class MemoryPresence:
             raise DeviceLimitReached(max_devices)
         if previous is not None and previous["connectionId"] != conn.connection_id:
             if is_newer(previous, stamp_of(conn), conn.connection_id):
-                return Registration(superseded_by=previous)
+                return Registration(superseded=True, superseded_by=previous)
         else:
             previous = None
         devices[conn.identity.device_id] = presence_entry(conn, self._server_id)
@@ -178,7 +181,8 @@ class MemoryPresence:
     async def reap_dead_servers(self) -> list[str]:
         return []
 
-    async def resync(self, connections: Iterable[tuple[Connection, int]]) -> list[tuple[Connection, Registration]]:
+    async def resync(self, held: Iterable[Connection], rewrite: Iterable[tuple[Connection, int]],
+                     started_us: int) -> list[tuple[Connection, Registration]]:
         return []  # nothing outside this process can lose or keep stale entries
 
 

@@ -62,21 +62,28 @@ if ARGV[4] == '1' then redis.call('SREM', KEYS[2], ARGV[3]) end
 return 1
 """
 
-# KEYS: presence hash, server users set. ARGV: serverId, userId, connectionIds this instance holds for the user.
-# Removes the instance's entries for connections it no longer holds; forgets the user when it holds none.
+# KEYS: presence hash, server users set.
+# ARGV: serverId, userId, pass start stamp, connectionIds this instance holds for the user.
+# Removes the instance's entries for connections it no longer holds and that were opened before the pass
+# started (a registration that lands during the pass is never pruned); forgets the user when nothing is left.
 PRUNE = """
 local keep = {}
-for i = 3, #ARGV do keep[ARGV[i]] = true end
+for i = 4, #ARGV do keep[ARGV[i]] = true end
+local started = tonumber(ARGV[3])
 local fields = redis.call('HGETALL', KEYS[1])
-local removed = 0
+local mine = 0
 for i = 1, #fields, 2 do
   local ok, entry = pcall(cjson.decode, fields[i + 1])
-  if ok and type(entry) == 'table' and entry['serverId'] == ARGV[1] and not keep[entry['connectionId']] then
-    redis.call('HDEL', KEYS[1], fields[i]); removed = removed + 1
+  if ok and type(entry) == 'table' and entry['serverId'] == ARGV[1] then
+    if keep[entry['connectionId']] or (tonumber(entry['stamp']) or 0) >= started then
+      mine = mine + 1
+    else
+      redis.call('HDEL', KEYS[1], fields[i])
+    end
   end
 end
-if #ARGV == 2 then redis.call('SREM', KEYS[2], ARGV[2]) end
-return removed
+if mine == 0 and #ARGV == 3 then redis.call('SREM', KEYS[2], ARGV[2]) end
+return mine
 """
 
 # KEYS: presence hash. ARGV: serverId. Removes every device entry owned by that instance.
@@ -132,7 +139,7 @@ class RedisPresence:
         if outcome == b"limit":
             raise DeviceLimitReached(max_devices)
         if outcome == b"newer":
-            return Registration(superseded_by=_decode_entry(reply[1]))
+            return Registration(superseded=True, superseded_by=_decode_entry(reply[1]))
         return Registration(displaced=_decode_entry(reply[1] if len(reply) > 1 else None))
 
     async def unregister(self, conn: Connection, *, last_local: bool) -> None:
@@ -218,19 +225,20 @@ class RedisPresence:
             await self._purge_instance(server_id)
         return dead
 
-    async def resync(self, connections: Iterable[tuple[Connection, int]]) -> list[tuple[Connection, Registration]]:
-        held = list(connections)
+    async def resync(self, held: Iterable[Connection], rewrite: Iterable[tuple[Connection, int]],
+                     started_us: int) -> list[tuple[Connection, Registration]]:
         by_user: dict[str, list[str]] = {}
-        for conn, _cap in held:
+        for conn in held:
             by_user.setdefault(conn.identity.user_id, []).append(conn.connection_id)
         users = list((await self._listed_users()) | by_user.keys())
+        to_write = list(rewrite)
         settled: list[tuple[Connection, Registration]] = []
         try:
             for start in range(0, len(users), RESYNC_BATCH):
-                await asyncio.gather(*(self._prune(user, by_user.get(user, []))
+                await asyncio.gather(*(self._prune(user, started_us, by_user.get(user, []))
                                        for user in users[start:start + RESYNC_BATCH]))
-            for start in range(0, len(held), RESYNC_BATCH):
-                batch = held[start:start + RESYNC_BATCH]
+            for start in range(0, len(to_write), RESYNC_BATCH):
+                batch = to_write[start:start + RESYNC_BATCH]
                 outcomes = await asyncio.gather(*(self._register_known(conn, cap) for conn, cap in batch))
                 settled.extend(zip((conn for conn, _cap in batch), outcomes, strict=True))
         except (RedisUnavailable, RedisReplyError) as exc:
@@ -250,10 +258,10 @@ class RedisPresence:
             users.add(member.decode() if isinstance(member, bytes) else str(member))
         return users
 
-    async def _prune(self, user_id: str, connection_ids: list[str]) -> None:
+    async def _prune(self, user_id: str, started_us: int, connection_ids: list[str]) -> None:
         await self._commands.evalsha(
             self._prune_sha, [self._keys.presence(user_id), self._keys.server_users(self._server_id)],
-            [self._server_id, user_id, *connection_ids])
+            [self._server_id, user_id, started_us, *connection_ids])
 
 
 def _stats_from_hash(server_id: str, row: dict[bytes, bytes], now: int) -> ServerStats:

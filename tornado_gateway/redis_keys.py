@@ -4,13 +4,12 @@ from __future__ import annotations
 
 
 class Keys:
-    __slots__ = ("prefix", "user_channel_prefix", "servers", "dispatch_stream")
+    __slots__ = ("prefix", "user_channel_prefix", "servers")
 
     def __init__(self, prefix: str = "gateway") -> None:
         self.prefix = prefix
         self.user_channel_prefix = f"{prefix}:user:"
         self.servers = f"{prefix}:servers"
-        self.dispatch_stream = f"{prefix}:stream:dispatch_response"
 
     def user_channel(self, user_id: str) -> str:
         return f"{self.user_channel_prefix}{user_id}"
@@ -24,6 +23,10 @@ class Keys:
     def server_users(self, server_id: str) -> str:
         """Addition to the contract: the users with a device on that instance, for dead-instance cleanup."""
         return f"{self.prefix}:server:{server_id}:users"
+
+    def stream(self, kind: str) -> str:
+        """`gateway:stream:dispatch_response`, and `gateway:stream:receipt` (PROTOCOL.md 7.5)."""
+        return f"{self.prefix}:stream:{kind}"
 
     def events(self, kind: str) -> str:
         return f"{self.prefix}:events:{kind}"

@@ -23,6 +23,8 @@ from .bus import Bus, MemoryBus
 from .bus_redis import RedisBus
 from .config import DEV_JWT_SECRET, MEMORY_URL, Settings
 from .gateway import Gateway
+from .history import History, MemoryHistory
+from .history_redis import RedisHistory
 from .metrics import Metrics
 from .presence import MemoryPresence, Presence
 from .presence_redis import RedisPresence
@@ -69,9 +71,19 @@ def raise_file_limit() -> int:
     return hard
 
 
-async def build_backends(settings: Settings, metrics: Metrics) -> tuple[Presence, Bus, Redis | None]:
+Backends = tuple[Presence, Bus, History, Redis | None]
+
+
+def embedded_backends(settings: Settings) -> Backends:
+    bus = MemoryBus()
+    history = MemoryHistory(settings.history_size, settings.history_ttl_s, bus.deliver,
+                            max_message_size=settings.max_message_size)
+    return MemoryPresence(settings.server_id), bus, history, None
+
+
+async def build_backends(settings: Settings, metrics: Metrics) -> Backends:
     if settings.redis_url == MEMORY_URL:
-        return MemoryPresence(settings.server_id), MemoryBus(), None
+        return embedded_backends(settings)
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0,
                            health_check_interval=30)
     if settings.dev:
@@ -83,13 +95,14 @@ async def build_backends(settings: Settings, metrics: Metrics) -> tuple[Presence
             log.warning("falling back to the EMBEDDED single-instance bus: no cross-instance delivery")
             log.warning("=" * 72)
             await redis.aclose()
-            return MemoryPresence(settings.server_id), MemoryBus(), None
+            return embedded_backends(settings)
     keys = Keys(settings.redis_prefix)
     commands = PipelinedClient(settings.redis_url)
     presence = RedisPresence(redis, commands, keys, settings.server_id, settings.instance_ttl_s)
     bus = RedisBus(commands, settings.redis_url, keys, settings.server_id, metrics,
                    stream_maxlen=settings.dispatch_stream_maxlen)
-    return presence, bus, redis
+    history = RedisHistory(redis, keys, settings.history_size, settings.history_ttl_s, settings.max_message_size)
+    return presence, bus, history, redis
 
 
 def announce(settings: Settings, embedded: bool) -> None:
@@ -113,8 +126,8 @@ def announce(settings: Settings, embedded: bool) -> None:
 async def serve(settings: Settings) -> None:
     raise_file_limit()
     metrics = Metrics(settings.statsd_host, settings.statsd_port, settings.statsd_prefix)
-    presence, bus, redis = await build_backends(settings, metrics)
-    gateway = Gateway(settings, presence, bus, metrics)
+    presence, bus, history, redis = await build_backends(settings, metrics)
+    gateway = Gateway(settings, presence, bus, metrics, history)
     await gateway.start()
     server = HTTPServer(make_app(gateway), max_body_size=max(1 << 20, 4 * settings.max_message_size),
                         idle_connection_timeout=60)

@@ -128,7 +128,7 @@ class GatewaySocket(WebSocketHandler):
         stream = cast(WebSocketProtocol13, self.ws_connection).stream
         stream.set_close_callback(self.on_connection_close)
         try:
-            await gateway.establish(self.conn)
+            await gateway.establish(self.conn, params.resume)
         finally:
             stream.set_close_callback(None)  # from here the frame loop reports the close, with its code
 
