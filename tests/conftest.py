@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis
+import redis.asyncio as aredis
 
 from tests.helpers import SHARED_REDIS_URL, Client, GatewayProcess, RedisServer, module_gateway, unique
+from tornado_gateway.redis_keys import Keys
 
 pytest_plugins = ["tests.soak_plugin"]
 
@@ -81,3 +83,22 @@ async def clients() -> AsyncIterator[list[Client]]:
     yield opened
     for client in opened:
         client.close()
+
+
+@pytest.fixture
+async def redis_async(redis_url: str) -> AsyncIterator[aredis.Redis]:
+    client = aredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def delete_history_library(redis_url: str, prefix: str) -> Iterator[None]:
+    """The history function library outlives keys: a module that loads it under its prefix removes it."""
+    yield
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.function_delete(Keys(prefix).history_library())
+    except redis.ResponseError:
+        pass
+    client.close()

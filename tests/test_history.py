@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
@@ -66,22 +66,8 @@ def keys(prefix: str) -> Keys:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def delete_library(redis_url: str, keys: Keys) -> Iterator[None]:
-    """The library outlives keys; it is this module's to remove (the prefix fixture removes the keys)."""
-    yield
-    client = redis.Redis.from_url(redis_url)
-    try:
-        client.function_delete(keys.history_library())
-    except redis.ResponseError:
-        pass
-    client.close()
-
-
-@pytest.fixture
-async def redis_async(redis_url: str) -> AsyncIterator[aredis.Redis]:
-    client = aredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
+def _library(delete_history_library: None) -> None:
+    return None
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -561,31 +547,31 @@ async def test_load_is_skipped_when_redis_already_runs_the_same_library(own_redi
         await client.aclose()
 
 
-async def test_record_still_works_after_function_flush(own_redis: RedisServer) -> None:
+@pytest.fixture
+async def own_history(own_redis: RedisServer) -> AsyncIterator[tuple[aredis.Redis, RedisHistory]]:
+    """A loaded history on a private Redis, which a test may FUNCTION FLUSH."""
     client = aredis.Redis.from_url(own_redis.url)
-    try:
-        history = RedisHistory(client, Keys("gw"), 100, 300, 65536)
-        await history.load()
-        user = unique("u")
-        assert (await history.record(user, notification())).seq == 1
-        await client.function_flush()
-        assert (await history.record(user, notification())).seq == 2
-        assert (await history.position(user)).seq == 2
-    finally:
-        await client.aclose()
+    history = RedisHistory(client, Keys("gw"), 100, 300, 65536)
+    await history.load()
+    yield client, history
+    await client.aclose()
 
 
-async def test_since_still_works_after_function_flush(own_redis: RedisServer) -> None:
-    client = aredis.Redis.from_url(own_redis.url)
-    try:
-        history = RedisHistory(client, Keys("gw"), 100, 300, 65536)
-        await history.load()
-        user = unique("u")
-        epoch = (await history.record(user, notification())).epoch or ""
-        await client.function_flush()
-        assert seqs((await history.since(user, epoch, 0)).records) == [1]
-    finally:
-        await client.aclose()
+async def test_record_still_works_after_function_flush(own_history: tuple[aredis.Redis, RedisHistory]) -> None:
+    client, history = own_history
+    user = unique("u")
+    assert (await history.record(user, notification())).seq == 1
+    await client.function_flush()
+    assert (await history.record(user, notification())).seq == 2
+    assert (await history.position(user)).seq == 2
+
+
+async def test_since_still_works_after_function_flush(own_history: tuple[aredis.Redis, RedisHistory]) -> None:
+    client, history = own_history
+    user = unique("u")
+    epoch = (await history.record(user, notification())).epoch or ""
+    await client.function_flush()
+    assert seqs((await history.since(user, epoch, 0)).records) == [1]
 
 
 # --- the record format (pure) -------------------------------------------------------------------

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import redis
 import redis.asyncio as aredis
 
 from tests.helpers import unique
@@ -17,21 +15,8 @@ from tornado_gateway.redis_keys import Keys
 
 
 @pytest.fixture(scope="module", autouse=True)
-def delete_library(redis_url: str, prefix: str) -> Iterator[None]:
-    yield
-    client = redis.Redis.from_url(redis_url)
-    try:
-        client.function_delete(Keys(prefix).history_library())
-    except redis.ResponseError:
-        pass
-    client.close()
-
-
-@pytest.fixture
-async def redis_async(redis_url: str) -> AsyncIterator[aredis.Redis]:
-    client = aredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
+def _library(delete_history_library: None) -> None:
+    return None
 
 
 @pytest.fixture

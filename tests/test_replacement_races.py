@@ -27,6 +27,15 @@ async def slow_link(own_redis: RedisServer) -> AsyncIterator[DelayingProxy]:
     await proxy.stop()
 
 
+@pytest.fixture
+def instances(make_gateway: Callable[..., GatewayProcess], own_redis: RedisServer,
+              slow_link: DelayingProxy) -> tuple[GatewayProcess, GatewayProcess]:
+    """(A, B): A reaches the Redis through the slow link (slowed once both are up), B directly."""
+    slow, fast = make_gateway(url=slow_link.url), make_gateway(url=own_redis.url)
+    slow_link.delay = ONE_WAY_DELAY_S
+    return slow, fast
+
+
 async def open_without_waiting(gateway: GatewayProcess, user: str, device: str) -> Client:
     """The upgrade completes (101) before the instance has subscribed and registered the device."""
     token = make_token(user, "driver")
@@ -45,11 +54,9 @@ async def stats_total(gateway: GatewayProcess) -> int:
 
 
 async def test_a_connection_abandoned_during_a_slow_registration_never_replaces_the_newer_one(
-        make_gateway: Callable[..., GatewayProcess], own_redis: RedisServer, slow_link: DelayingProxy) -> None:
-    slow = make_gateway(url=slow_link.url)
-    fast = make_gateway(url=own_redis.url)
+        instances: tuple[GatewayProcess, GatewayProcess], own_redis: RedisServer) -> None:
+    slow, fast = instances
     user = unique()
-    slow_link.delay = ONE_WAY_DELAY_S
     abandoned = await open_without_waiting(slow, user, "phone")
     await asyncio.sleep(0.5)
     abandoned.close()  # the phone gives up on A ...
@@ -65,11 +72,9 @@ async def test_a_connection_abandoned_during_a_slow_registration_never_replaces_
 
 
 async def test_an_older_connection_whose_registration_lands_last_is_the_one_replaced(
-        make_gateway: Callable[..., GatewayProcess], own_redis: RedisServer, slow_link: DelayingProxy) -> None:
-    slow = make_gateway(url=slow_link.url)
-    fast = make_gateway(url=own_redis.url)
+        instances: tuple[GatewayProcess, GatewayProcess], own_redis: RedisServer) -> None:
+    slow, fast = instances
     user = unique()
-    slow_link.delay = ONE_WAY_DELAY_S
     older = await open_without_waiting(slow, user, "phone")
     await asyncio.sleep(0.3)
     newer = await fast.connect(user, device_id="phone")

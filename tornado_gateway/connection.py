@@ -79,10 +79,13 @@ class Connection:
         that does not read, as fan-out does); never raises, so one dead socket cannot break a loop."""
         if self.closed:
             return False
+        if self.opening is not None:
+            self.opening.append(data)
+            return True
         outbound = self.outbound
-        if outbound is not None and self.opening is None and not outbound.admits(self, len(data)):
+        if outbound is not None and not outbound.admits(self, len(data)):
             return False
-        return self.send_admitted(data)
+        return self.transport.write_frame(data)
 
     def send_admitted(self, data: str | bytes) -> bool:
         """Queue a frame whose size was already checked against the limit (fan-out checks it itself)."""

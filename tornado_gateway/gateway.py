@@ -18,7 +18,7 @@ import logging
 import resource
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any, Final, TypedDict
 
 import ujson
@@ -68,11 +68,6 @@ def freeze_survivors() -> None:
     close), so frozen objects that die later are still reclaimed; full collections then only see
     what was allocated since the last housekeeping tick."""
     gc.freeze()
-
-
-def _passed_on(message: dict[str, Any]) -> dict[str, Any]:
-    """The producer's top-level `expiresAt` and `receipt` travel with the message (PROTOCOL.md 7.3, 7.5)."""
-    return {k: message[k] for k in ("expiresAt", "receipt") if k in message}
 
 
 def file_limit() -> int:
@@ -487,7 +482,7 @@ class Gateway:
         try:
             message = ujson.loads(data)
             kind, payload, ref, stamp = validate_service_message(message)
-            if expired(message, now_ms()):
+            if expired(message):
                 self.metrics.incr(m.MESSAGES_EXPIRED)
                 return None
             # Re-encoded even when id and timestamp are there: ujson accepts NaN, Infinity and lone
@@ -577,23 +572,22 @@ class Gateway:
 
         While Redis is down, devices of the user on this instance still get the message (degraded)."""
         kind, payload, ref, stamp = validate_service_message(message)
-        assert isinstance(message, dict)
-        if expired(message, now_ms()):
+        assert isinstance(message, dict)  # validate_service_message refuses anything else
+        if expired(message):
             raise ValidationError("expiresAt has already passed")
         message_id = ref or self.ids.next()
         try:
-            text = dumps(envelope(kind, payload, message_id, stamp) | _passed_on(message))
+            frame = service_frame(kind, payload, message_id, now_ms() if stamp is None else stamp, message)
         except (OverflowError, UnicodeEncodeError):
             raise ValidationError("payload contains NaN, Infinity, a huge number or invalid UTF-8") from None
         if self.history is not None and raw is not None and kind not in LATEST_VALUE_TYPES:
-            return await self._send(user_id, self.history.record(user_id, raw), lambda: text.encode())
-        result = await self._send(user_id, self.bus.publish_user(user_id, text), lambda: text.encode())
-        return dataclasses.replace(result, message_id=message_id)
+            return await self._send(user_id, self.history.record(user_id, raw), frame, message_id)
+        return await self._send(user_id, self.bus.publish_user(user_id, frame.decode()), frame, message_id)
 
-    async def _send(self, user_id: str, sending: Awaitable[RecordResult | None],
-                    degraded_frame: Callable[[], bytes]) -> BroadcastResult:
+    async def _send(self, user_id: str, sending: Awaitable[RecordResult | None], frame: bytes,
+                    message_id: str) -> BroadcastResult:
         """Count and send in one round trip (both ride the same pipelined write); when Redis failed,
-        the user's devices on this instance still get the message."""
+        the user's devices on this instance still get `frame` (live, unrecorded)."""
         counted: int | BaseException
         sent: RecordResult | BaseException | None
         counted, sent = await asyncio.gather(self.presence.device_count(user_id), sending, return_exceptions=True)
@@ -601,15 +595,15 @@ class Gateway:
         if isinstance(sent, BusUnavailable):
             if not local:
                 raise sent
-            self.on_user_message(user_id, degraded_frame())
-            return BroadcastResult("", len(local), degraded=True)
+            self.on_user_message(user_id, frame)
+            return BroadcastResult(message_id, len(local), degraded=True)
         if isinstance(sent, BaseException):
             raise sent
         devices = counted if isinstance(counted, int) else len(local or ())
         if isinstance(sent, RecordResult):
             self.metrics.incr(m.MESSAGES_DUPLICATE if sent.duplicate else m.MESSAGES_RECORDED)
             return BroadcastResult(sent.message_id, devices, degraded=False, seq=sent.seq, duplicate=sent.duplicate)
-        return BroadcastResult("", devices, degraded=False)
+        return BroadcastResult(message_id, devices, degraded=False)
 
     # --- stats and housekeeping ---------------------------------------------------------------
 

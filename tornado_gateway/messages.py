@@ -317,17 +317,23 @@ def service_frame(kind: str, payload: Mapping[str, Any], message_id: str, timest
     frame: dict[str, Any] = {"type": kind, "payload": dict(payload), "id": message_id, "timestamp": timestamp}
     if seq is not None:
         frame["seq"] = seq
-    expires_at = message.get("expiresAt")
-    if isinstance(expires_at, int) and not isinstance(expires_at, bool):
+    expires_at = expires_at_of(message)
+    if expires_at is not None:
         frame["expiresAt"] = expires_at
     if message.get("receipt") is True:
         frame["receipt"] = True
     return dumps(frame).encode()
 
 
-def expired(message: Mapping[str, Any], now: int) -> bool:
+def expires_at_of(message: Mapping[str, Any]) -> int | None:
     expires_at = message.get("expiresAt")
-    return isinstance(expires_at, int) and not isinstance(expires_at, bool) and expires_at <= now
+    return expires_at if isinstance(expires_at, int) and not isinstance(expires_at, bool) else None
+
+
+def expired(message: Mapping[str, Any]) -> bool:
+    """Whether the producer's `expiresAt` has passed; the clock is read only for messages that have one."""
+    expires_at = expires_at_of(message)
+    return expires_at is not None and expires_at <= now_ms()
 
 
 def error_payload(code: ErrorCode, message: str, ref: str | None = None) -> ErrorPayload:

@@ -194,9 +194,7 @@ class GatewaySocket(WebSocketHandler):
         if self.conn is not None:
             self.conn.touch()
 
-    def on_pong(self, data: bytes) -> None:
-        if self.conn is not None:
-            self.conn.touch()
+    on_pong = on_ping
 
     def on_close(self) -> None:
         conn, self.conn = self.conn, None  # break the handler <-> connection cycle: refcounting frees both
