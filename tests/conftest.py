@@ -10,6 +10,7 @@ import redis.asyncio as aredis
 
 from tests.helpers import SHARED_REDIS_URL, Client, GatewayProcess, RedisServer, module_gateway, unique
 from tornado_gateway.redis_keys import Keys
+from tornado_gateway.resp import PipelinedClient
 
 pytest_plugins = ["tests.soak_plugin"]
 
@@ -102,3 +103,11 @@ def delete_history_library(redis_url: str, prefix: str) -> Iterator[None]:
     except redis.ResponseError:
         pass
     client.close()
+
+
+@pytest.fixture
+async def pipelined(redis_url: str) -> AsyncIterator[PipelinedClient]:
+    """The gateway's own pipelined Redis connection (what RedisHistory and presence call through)."""
+    client = PipelinedClient(redis_url)
+    yield client
+    await client.close()

@@ -22,6 +22,7 @@ from tornado_gateway.errors import ErrorCode, ValidationError
 from tornado_gateway.history import History, MemoryHistory, decode_record, record_bytes
 from tornado_gateway.history_redis import RedisHistory
 from tornado_gateway.redis_keys import Keys
+from tornado_gateway.resp import PipelinedClient
 
 EXACT_PAYLOAD = ('{"a":[],"b":{},"n":12345678901234567890,"f":0.1,"nested":{"l":[[],{}],"e":1e-7,"neg":-0.0},'
                  '"text":"caf\\u00e9 / \\"q\\" é 🚗","big":1.0000000000000002}')
@@ -71,7 +72,8 @@ def _library(delete_history_library: None) -> None:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def make(request: pytest.FixtureRequest, redis_async: aredis.Redis, keys: Keys) -> AsyncIterator[Factory]:
+async def make(pipelined: PipelinedClient,
+               request: pytest.FixtureRequest, redis_async: aredis.Redis, keys: Keys) -> AsyncIterator[Factory]:
     """Builds the parametrised backend with the given settings, plus a way to watch what it publishes."""
     subscribers: list[aredis.client.PubSub] = []
     queues: dict[str, asyncio.Queue[bytes]] = {}
@@ -109,7 +111,7 @@ async def make(request: pytest.FixtureRequest, redis_async: aredis.Redis, keys: 
         if request.param == "memory":
             memory = MemoryHistory(size, ttl_s, on_memory_publish, max_message_size=max_message_size)
             return Backend("memory", memory, watch_memory)
-        history = RedisHistory(redis_async, keys, size, ttl_s, max_message_size)
+        history = RedisHistory(pipelined, keys, size, ttl_s, max_message_size)
         await history.load()
         return Backend("redis", history, watch_redis)
 
@@ -158,8 +160,7 @@ async def test_position_reports_the_last_seq_under_the_same_epoch(make: Factory)
 
 
 async def test_two_concurrent_writers_get_exactly_1_to_400_without_duplicates(redis_url: str, keys: Keys) -> None:
-    clients = [aredis.Redis(connection_pool=aredis.BlockingConnectionPool.from_url(redis_url, max_connections=20))
-               for _ in range(2)]
+    clients = [PipelinedClient(redis_url) for _ in range(2)]  # two instances: two connections to Redis
     try:
         writers = [RedisHistory(client, keys, 500, 300, 65536) for client in clients]
         await writers[0].load()
@@ -172,7 +173,7 @@ async def test_two_concurrent_writers_get_exactly_1_to_400_without_duplicates(re
         assert seqs(replay.records) == list(range(1, 401))
     finally:
         for client in clients:
-            await client.aclose()
+            await client.close()
 
 
 # --- history and replay ------------------------------------------------------------------------
@@ -441,9 +442,9 @@ async def test_an_id_of_128_multibyte_characters_is_accepted(make: Factory) -> N
 
 
 @pytest.mark.parametrize("user_id", ["u1", "rider:42", "a{b}c", "{x}y", "{a{b}", "a{b", "a}b"])
-async def test_keys_are_named_as_keys_says_and_share_the_slot_of_the_bare_user_id(
+async def test_keys_are_named_as_keys_says_and_share_the_slot_of_the_bare_user_id(pipelined: PipelinedClient,
         redis_async: aredis.Redis, keys: Keys, user_id: str) -> None:
-    history = RedisHistory(redis_async, keys, 100, 300, 65536)
+    history = RedisHistory(pipelined, keys, 100, 300, 65536)
     await history.load()
     user = f"{unique('s')}{user_id}"
     await history.record(user, notification(extra=',"id":"p-1"'))
@@ -459,8 +460,9 @@ async def test_keys_of_different_users_never_collide(keys: Keys) -> None:
     assert len(set(names)) == len(names)
 
 
-async def test_record_refreshes_the_expiry_of_all_of_the_users_keys(redis_async: aredis.Redis, keys: Keys) -> None:
-    history = RedisHistory(redis_async, keys, 100, 1, 65536)
+async def test_record_refreshes_the_expiry_of_all_of_the_users_keys(pipelined: PipelinedClient,
+                                                                    redis_async: aredis.Redis, keys: Keys) -> None:
+    history = RedisHistory(pipelined, keys, 100, 1, 65536)
     await history.load()
     user = unique("u")
     await history.record(user, notification(extra=',"id":"p-1"'))
@@ -470,17 +472,18 @@ async def test_record_refreshes_the_expiry_of_all_of_the_users_keys(redis_async:
     assert await redis_async.exists(*names) == 0
 
 
-async def test_position_creates_the_epoch_with_history_ttl(redis_async: aredis.Redis, keys: Keys) -> None:
-    history = RedisHistory(redis_async, keys, 100, 1, 65536)
+async def test_position_creates_the_epoch_with_history_ttl(pipelined: PipelinedClient,
+                                                           redis_async: aredis.Redis, keys: Keys) -> None:
+    history = RedisHistory(pipelined, keys, 100, 1, 65536)
     await history.load()
     user = unique("u")
     await history.position(user)
     assert 0 < await redis_async.pttl(keys.history_meta(user)) <= 1000
 
 
-async def test_epoch_changes_after_the_keys_are_deleted_and_seq_restarts_at_1(
+async def test_epoch_changes_after_the_keys_are_deleted_and_seq_restarts_at_1(pipelined: PipelinedClient,
         redis_async: aredis.Redis, keys: Keys) -> None:
-    history = RedisHistory(redis_async, keys, 100, 300, 65536)
+    history = RedisHistory(pipelined, keys, 100, 300, 65536)
     await history.load()
     user = unique("u")
     old = await history.record(user, notification())
@@ -492,9 +495,9 @@ async def test_epoch_changes_after_the_keys_are_deleted_and_seq_restarts_at_1(
     assert not (await history.since(user, old.epoch or "", 2)).recoverable
 
 
-async def test_a_history_list_left_without_its_meta_is_discarded_by_the_new_epoch(
+async def test_a_history_list_left_without_its_meta_is_discarded_by_the_new_epoch(pipelined: PipelinedClient,
         redis_async: aredis.Redis, keys: Keys) -> None:
-    history = RedisHistory(redis_async, keys, 100, 300, 65536)
+    history = RedisHistory(pipelined, keys, 100, 300, 65536)
     await history.load()
     user = unique("u")
     await history.record(user, notification(extra=',"id":"p-1"'))
@@ -504,8 +507,9 @@ async def test_a_history_list_left_without_its_meta_is_discarded_by_the_new_epoc
     assert seqs((await history.since(user, result.epoch or "", 0)).records) == [1]
 
 
-async def test_trimming_drops_the_trimmed_producer_ids_from_the_index(redis_async: aredis.Redis, keys: Keys) -> None:
-    history = RedisHistory(redis_async, keys, 3, 300, 65536)
+async def test_trimming_drops_the_trimmed_producer_ids_from_the_index(pipelined: PipelinedClient,
+                                                                      redis_async: aredis.Redis, keys: Keys) -> None:
+    history = RedisHistory(pipelined, keys, 3, 300, 65536)
     await history.load()
     user = unique("u")
     for n in range(5):
@@ -514,9 +518,9 @@ async def test_trimming_drops_the_trimmed_producer_ids_from_the_index(redis_asyn
     assert await redis_async.zrange(keys.history_ids(user), 0, -1) == [b"p-2", b"p-3", b"p-4"]
 
 
-async def test_fcall_publish_returns_the_seq_and_refuses_with_invalid_message(
+async def test_fcall_publish_returns_the_seq_and_refuses_with_invalid_message(pipelined: PipelinedClient,
         redis_async: aredis.Redis, keys: Keys) -> None:
-    await RedisHistory(redis_async, keys, 100, 300, 65536).load()
+    await RedisHistory(pipelined, keys, 100, 300, 65536).load()
     user = unique("u")
     publish = keys.function("publish")
     assert await redis_async.fcall(publish, 1, user, notification(extra=',"id":"x"')) == 1
@@ -528,33 +532,36 @@ async def test_fcall_publish_returns_the_seq_and_refuses_with_invalid_message(
         await redis_async.fcall(publish, 1, user, '{"type":"notification","payload":{"title":"t"}}')
 
 
-async def test_fcall_record_returns_seq_duplicate_epoch_and_message_id(redis_async: aredis.Redis, keys: Keys) -> None:
-    await RedisHistory(redis_async, keys, 100, 300, 65536).load()
+async def test_fcall_record_returns_seq_duplicate_epoch_and_message_id(pipelined: PipelinedClient,
+                                                                       redis_async: aredis.Redis, keys: Keys) -> None:
+    await RedisHistory(pipelined, keys, 100, 300, 65536).load()
     user = unique("u")
     seq, duplicate, epoch, message_id = await redis_async.fcall(keys.function("record"), 1, user, notification())
     assert (seq, duplicate) == (1, 0) and message_id == epoch + b"-1"
 
 
 async def test_load_is_skipped_when_redis_already_runs_the_same_library(own_redis: RedisServer) -> None:
-    client = aredis.Redis.from_url(own_redis.url)
+    client, commands = aredis.Redis.from_url(own_redis.url), PipelinedClient(own_redis.url)
     try:
-        await RedisHistory(client, Keys("gw"), 100, 300, 65536).load()
-        await RedisHistory(client, Keys("gw"), 100, 300, 65536).load()
+        await RedisHistory(commands, Keys("gw"), 100, 300, 65536).load()
+        await RedisHistory(commands, Keys("gw"), 100, 300, 65536).load()
         assert (await client.info("commandstats"))["cmdstat_function|load"]["calls"] == 1
-        await RedisHistory(client, Keys("gw"), 50, 300, 65536).load()  # other settings: replaced
+        await RedisHistory(commands, Keys("gw"), 50, 300, 65536).load()  # other settings: replaced
         assert (await client.info("commandstats"))["cmdstat_function|load"]["calls"] == 2
     finally:
         await client.aclose()
+        await commands.close()
 
 
 @pytest.fixture
 async def own_history(own_redis: RedisServer) -> AsyncIterator[tuple[aredis.Redis, RedisHistory]]:
     """A loaded history on a private Redis, which a test may FUNCTION FLUSH."""
-    client = aredis.Redis.from_url(own_redis.url)
-    history = RedisHistory(client, Keys("gw"), 100, 300, 65536)
+    client, commands = aredis.Redis.from_url(own_redis.url), PipelinedClient(own_redis.url)
+    history = RedisHistory(commands, Keys("gw"), 100, 300, 65536)
     await history.load()
     yield client, history
     await client.aclose()
+    await commands.close()
 
 
 async def test_record_still_works_after_function_flush(own_history: tuple[aredis.Redis, RedisHistory]) -> None:

@@ -12,6 +12,7 @@ from tornado_gateway.history import decode_record
 from tornado_gateway.history_redis import RedisHistory
 from tornado_gateway.publisher import FunctionNotLoaded, Publisher, PublishRefused
 from tornado_gateway.redis_keys import Keys
+from tornado_gateway.resp import PipelinedClient
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -20,9 +21,9 @@ def _library(delete_history_library: None) -> None:
 
 
 @pytest.fixture
-async def history(redis_async: aredis.Redis, prefix: str) -> RedisHistory:
+async def history(pipelined: PipelinedClient, prefix: str) -> RedisHistory:
     """What a gateway instance does at start: load the functions the publisher calls."""
-    history = RedisHistory(redis_async, Keys(prefix), 100, 300, 65536)
+    history = RedisHistory(pipelined, Keys(prefix), 100, 300, 65536)
     await history.load()
     return history
 

@@ -233,6 +233,7 @@ class Gateway:
             payload["epoch"], payload["seq"] = opening.epoch, opening.seq
         if resume is not None:
             payload["recovered"] = opening.recovered
+            self.metrics.incr(m.RESUMES.format(outcome="recovered" if opening.recovered else "not_recovered"))
         conn.write_first(dumps(envelope("connected", payload, self.ids.next())))
         replayed_up_to = await self._replay(conn, opening.replay)
         conn.release_held(replayed_up_to)
@@ -250,16 +251,11 @@ class Gateway:
             if resume is not None:
                 replay = await self.history.since(user_id, resume.epoch, resume.since)
                 if replay.epoch:
-                    self.metrics.incr(m.RESUMES.format(outcome="recovered" if replay.recoverable else "not_recovered"))
                     return Opening(replay.epoch, replay.seq, replay.recoverable, self._replay_frames(replay.records))
             position = await self.history.position(user_id)
         except BusUnavailable as exc:
             log.warning("history unavailable for %s (%s): connected without a position", conn.connection_id, exc)
-            if resume is not None:
-                self.metrics.incr(m.RESUMES.format(outcome="not_recovered"))
             return Opening()
-        if resume is not None:
-            self.metrics.incr(m.RESUMES.format(outcome="not_recovered"))
         return Opening(position.epoch, position.seq)
 
     def _replay_frames(self, records: list[bytes]) -> list[tuple[int, bytes]]:

@@ -27,7 +27,7 @@ COMMAND_TIMEOUT_S = 5.0
 WATCHDOG_INTERVAL_S = 1.0
 
 
-def pack(args: tuple[str | int, ...]) -> bytes:
+def pack(args: tuple[str | bytes | int, ...]) -> bytes:
     return bytes(hiredis.pack_command(cast(Any, args)))  # its stub types a 1-tuple
 
 
@@ -108,7 +108,7 @@ class RespConnection:
         if isinstance(reply, Exception):
             raise ConnectionError(f"Redis refused {command[0]}: {reply}")
 
-    def send(self, *args: str | int) -> None:
+    def send(self, *args: str | bytes | int) -> None:
         if self._writer is None or self._writer.is_closing():
             raise ConnectionError("Redis connection is closed")
         if not self._outbox:
@@ -172,7 +172,7 @@ class PipelinedClient:
         self._readers: set[asyncio.Task[None]] = set()
         self._scripts: dict[str, str] = {}  # sha -> source, for NOSCRIPT after a Redis restart
 
-    async def call(self, *args: str | int) -> Any:
+    async def call(self, *args: str | bytes | int) -> Any:
         link = self._link or await self._connect()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:

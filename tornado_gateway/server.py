@@ -101,7 +101,7 @@ async def build_backends(settings: Settings, metrics: Metrics) -> Backends:
     presence = RedisPresence(redis, commands, keys, settings.server_id, settings.instance_ttl_s)
     bus = RedisBus(commands, settings.redis_url, keys, settings.server_id, metrics,
                    stream_maxlen=settings.dispatch_stream_maxlen)
-    history = RedisHistory(redis, keys, settings.history_size, settings.history_ttl_s, settings.max_message_size)
+    history = RedisHistory(commands, keys, settings.history_size, settings.history_ttl_s, settings.max_message_size)
     return presence, bus, history, redis
 
 
