@@ -52,10 +52,10 @@ def make_gateway(redis_url: str, prefix: str) -> Iterator[Callable[..., GatewayP
     started: list[GatewayProcess] = []
 
     def factory(env: dict[str, str] | None = None, *, url: str | None = None, args: list[str] | None = None,
-                wait_ready: bool = True, start: bool = True) -> GatewayProcess:
+                wait_ready: bool = True, start: bool = True, wait: bool = True) -> GatewayProcess:
         process = GatewayProcess(url or redis_url, prefix, env, args)
         started.append(process)
-        return process.start(wait_ready=wait_ready) if start else process
+        return process.start(wait_ready=wait_ready, wait=wait) if start else process
 
     yield factory
     for process in started:
@@ -75,6 +75,16 @@ def own_redis() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def persistent_redis() -> Iterator[RedisServer]:
+    """A Redis of the test's own that keeps its data on disk across a restart (AOF, fsync always)."""
+    server = RedisServer(persistent=True)
+    server.start()
+    yield server
+    server.stop()
+    server.remove_data()
 
 
 @pytest.fixture

@@ -116,11 +116,13 @@ class GatewayProcess:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, *, wait_ready: bool = True) -> GatewayProcess:
+    def start(self, *, wait_ready: bool = True, wait: bool = True) -> GatewayProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen([sys.executable, "-m", "tornado_gateway", *self.args], env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         log.close()
+        if not wait:
+            return self
         path = "/ready" if wait_ready else "/health"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -177,6 +179,18 @@ class GatewayProcess:
             connected = await client.recv("connected")
             client.connection_id = connected["payload"]["connectionId"]
         return client
+
+    async def ready(self) -> bool:
+        try:
+            return (await self.http("GET", "/ready"))[0] == 200
+        except OSError:  # not listening yet
+            return False
+
+    async def until_ready(self, timeout: float = 15.0) -> GatewayProcess:
+        """For a gateway started with wait=False whose way to Redis runs in the test's own loop (a
+        proxy): a synchronous wait for it would keep that loop from relaying anything."""
+        await eventually(self.ready, timeout=timeout)
+        return self
 
     async def http(self, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None,
                    raw: bytes | None = None) -> tuple[int, Any]:
@@ -264,6 +278,22 @@ class Client:
 
     def close(self) -> None:
         self.ws.close()
+
+
+async def received_metrics(sock: socket.socket, wanted: set[str], timeout: float = 5.0) -> set[str]:
+    """Metric names seen on the socket until all `wanted` ones arrived (or the timeout)."""
+    seen: set[str] = set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not wanted <= seen and loop.time() < deadline:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            await asyncio.sleep(0.05)
+            continue
+        for line in data.decode().splitlines():
+            seen.add(line.split(":")[0])
+    return seen
 
 
 async def eventually(check: Any, timeout: float = 5.0, interval: float = 0.05) -> Any:

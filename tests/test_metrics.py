@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
-from tests.helpers import GatewayProcess, make_token
-
-
-async def received_metrics(sock: socket.socket, wanted: set[str], timeout: float = 5.0) -> set[str]:
-    """Metric names seen on the socket until all `wanted` ones arrived (or the timeout)."""
-    seen: set[str] = set()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not wanted <= seen and loop.time() < deadline:
-        try:
-            data = sock.recv(65536)
-        except BlockingIOError:
-            await asyncio.sleep(0.05)
-            continue
-        for line in data.decode().splitlines():
-            seen.add(line.split(":")[0])
-    return seen
+from tests.helpers import GatewayProcess, make_token, received_metrics
 
 
 async def test_connection_message_error_and_broadcast_metrics_are_sent(make_gateway) -> None:  # type: ignore[no-untyped-def]

@@ -10,10 +10,8 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from tests.helpers import GatewayProcess, RedisServer, eventually, unique
 from tornado_gateway.bus import MemoryBus
@@ -21,15 +19,6 @@ from tornado_gateway.config import load_settings
 from tornado_gateway.gateway import Gateway
 from tornado_gateway.metrics import Metrics
 from tornado_gateway.presence import MemoryPresence
-
-
-@pytest.fixture
-def persistent_redis() -> Iterator[RedisServer]:
-    server = RedisServer(persistent=True)
-    server.start()
-    yield server
-    server.stop()
-    server.remove_data()
 
 
 def presence_key(gateway: GatewayProcess, user: str) -> str:

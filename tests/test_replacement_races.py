@@ -28,10 +28,11 @@ async def slow_link(own_redis: RedisServer) -> AsyncIterator[DelayingProxy]:
 
 
 @pytest.fixture
-def instances(make_gateway: Callable[..., GatewayProcess], own_redis: RedisServer,
-              slow_link: DelayingProxy) -> tuple[GatewayProcess, GatewayProcess]:
+async def instances(make_gateway: Callable[..., GatewayProcess], own_redis: RedisServer,
+                    slow_link: DelayingProxy) -> tuple[GatewayProcess, GatewayProcess]:
     """(A, B): A reaches the Redis through the slow link (slowed once both are up), B directly."""
-    slow, fast = make_gateway(url=slow_link.url), make_gateway(url=own_redis.url)
+    slow = await make_gateway(url=slow_link.url, wait=False).until_ready()
+    fast = make_gateway(url=own_redis.url)
     slow_link.delay = ONE_WAY_DELAY_S
     return slow, fast
 

@@ -7,6 +7,13 @@ hands each message to the gateway with a plain call (no task per message).
 The set of wanted channels is the source of truth: after any failure the
 listener reconnects with capped exponential backoff plus jitter and
 subscribes to all of them again.
+
+The connection counts as live (`ready`, what `/ready` reports) only once Redis has answered a
+PING sent after those SUBSCRIBEs: Redis answers in order, so every channel is subscribed by then,
+and that is when the gateway may read back what was recorded meanwhile (PROTOCOL.md 7.4). A
+self-probe, a message this instance publishes to its own control channel every PROBE_INTERVAL,
+catches a connection that is open but no longer receives (a proxy or NAT that dropped it
+silently): a probe not back within PROBE_TIMEOUT replaces the connection.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import redis.exceptions
 
@@ -29,15 +37,23 @@ log = logging.getLogger(__name__)
 
 SUBSCRIBE_CHUNK = 1000
 SUBSCRIBE_TIMEOUT_S = 5.0
+SILENCE_S = 10.0  # no reply at all for this long (PINGs go out every housekeeping tick): reconnect
+PROBE_HEAD = b'{"op":"probe"'
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, RedisUnavailable,
                 RedisReplyError)
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    interval_s: float = 2.0  # 0: no probe
+    timeout_s: float = 5.0
 
 
 class RedisBus:
     embedded = False
 
     def __init__(self, commands: PipelinedClient, url: str, keys: Keys, server_id: str, metrics: Metrics, *,
-                 stream_maxlen: int) -> None:
+                 stream_maxlen: int, probe: Probe | None = None) -> None:
         self._commands = commands
         self._url = url
         self._keys = keys
@@ -51,7 +67,12 @@ class RedisBus:
         self._conn: RespConnection | None = None
         self._listener: BusListener | None = None
         self._task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self._probe = probe or Probe()
+        self._probe_sent = 0  # number of the last probe published
+        self._probe_back: asyncio.Future[None] | None = None
         self._ready = False
+        self._announce = False  # the next PONG confirms the resubscription after a reconnect
         self._stopping = False
         self._last_reply = time.monotonic()
         self._first_connect = asyncio.Event()
@@ -63,6 +84,8 @@ class RedisBus:
     async def start(self, listener: BusListener) -> None:
         self._listener = listener
         self._task = asyncio.create_task(self._run(), name="redis-bus-listener")
+        if self._probe.interval_s > 0:
+            self._probe_task = asyncio.create_task(self._probe_forever(), name="redis-bus-probe")
         try:
             await asyncio.wait_for(self._first_connect.wait(), timeout=5.0)
         except TimeoutError:
@@ -70,12 +93,10 @@ class RedisBus:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._probe_task, self._task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self._commands.close()
 
     # --- subscriptions ------------------------------------------------------------------------
@@ -84,7 +105,7 @@ class RedisBus:
         channel = self._keys.user_channel(user_id)
         self._wanted.add(channel)
         conn = self._conn
-        if conn is None or not self._ready:
+        if conn is None:
             return  # subscribed on reconnect
         waiter = asyncio.get_running_loop().create_future()
         self._pending.setdefault(channel.encode(), deque()).append(waiter)
@@ -113,7 +134,7 @@ class RedisBus:
         channel = self._keys.user_channel(user_id)
         self._wanted.discard(channel)
         conn = self._conn
-        if conn is not None and self._ready:
+        if conn is not None:
             self._send_quietly(conn, "UNSUBSCRIBE", channel)
 
     @staticmethod
@@ -157,15 +178,63 @@ class RedisBus:
         self._metrics.timing(m.REDIS_PUBLISH_MS, (time.perf_counter() - started) * 1000.0)
 
     async def ping(self) -> None:
-        """Called from the housekeeping timer: a silent subscriber connection is a dead one."""
+        """Called from the housekeeping timer: a subscriber connection that answers nothing, not
+        even a PING, is a dead one (also one that never confirmed its resubscription)."""
         conn = self._conn
-        if conn is None or not self._ready:
+        if conn is None:
             return
-        if time.monotonic() - self._last_reply > 10.0:
-            log.warning("Redis pub/sub connection silent for 10 s; reconnecting")
+        if time.monotonic() - self._last_reply > SILENCE_S:
+            log.warning("Redis pub/sub connection silent for %.0f s; reconnecting", SILENCE_S)
             conn.close()
             return
         self._send_quietly(conn, "PING")
+
+    # --- the self-probe (PROTOCOL.md 7.4) --------------------------------------------------------
+
+    async def _probe_forever(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self._probe.interval_s)
+            conn = self._conn
+            if conn is not None and self._ready:
+                await self._probe_once(conn)
+
+    async def _probe_once(self, conn: RespConnection) -> None:
+        """Publish a probe to this instance's own control channel and wait for it to come back
+        through the subscription; a PUBLISH Redis refuses is an outage the listener sees itself."""
+        self._probe_sent += 1
+        back = self._probe_back = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(self._probe_round_trip(back), self._probe.timeout_s)
+        except TimeoutError:
+            self._probe_failed(conn)
+        except REDIS_ERRORS:
+            return
+        else:
+            self._metrics.timing(m.PROBE_MS, (time.perf_counter() - started) * 1000.0)
+        finally:
+            self._probe_back = None
+
+    async def _probe_round_trip(self, back: asyncio.Future[None]) -> None:
+        await self._commands.call("PUBLISH", self._control_channel, self._probe_message())
+        await back
+
+    def _probe_message(self) -> str:
+        return f'{{"op":"probe","n":{self._probe_sent}}}'
+
+    def _probe_failed(self, conn: RespConnection) -> None:
+        self._metrics.incr(m.PROBE_FAILURES)
+        if conn is not self._conn:
+            return  # already replaced
+        log.warning("self-probe not back within %.1f s: the subscription is silent; replacing the pub/sub connection",
+                    self._probe.timeout_s)
+        self._ready = False
+        conn.close()
+
+    def _probe_arrived(self, data: bytes) -> None:
+        back = self._probe_back
+        if back is not None and not back.done() and data == self._probe_message().encode():
+            back.set_result(None)
 
     # --- the listener -------------------------------------------------------------------------
 
@@ -179,15 +248,10 @@ class RedisBus:
                 await conn.connect()
                 self._conn = conn
                 self._subscribe_all(conn)
-                self._ready = True
+                conn.send("PING")  # its PONG says every SUBSCRIBE above is in effect
+                self._announce = connected_before
                 self._last_reply = time.monotonic()
                 backoff.reset()
-                self._first_connect.set()
-                if connected_before:
-                    log.info("Redis pub/sub reconnected; %d channels resubscribed", len(self._wanted) + 1)
-                    self._metrics.incr(m.REDIS_RECONNECTS)
-                    assert self._listener is not None
-                    self._listener.on_bus_reconnected()
                 connected_before = True
                 await self._read_forever(conn)
             except asyncio.CancelledError:
@@ -226,9 +290,24 @@ class RedisBus:
                     if channel.startswith(prefix):
                         listener.on_user_message(channel[prefix_len:].decode(), reply[2])
                     elif channel == control:
-                        listener.on_control(reply[2])
+                        if reply[2].startswith(PROBE_HEAD):
+                            self._probe_arrived(reply[2])
+                        else:
+                            listener.on_control(reply[2])
                 elif kind == b"subscribe":
                     self._confirm(reply[1])
+                elif kind == b"pong" and not self._ready:
+                    self._subscribed()
+
+    def _subscribed(self) -> None:
+        self._ready = True
+        self._first_connect.set()
+        if self._announce:
+            self._announce = False
+            log.info("Redis pub/sub reconnected; %d channels resubscribed", len(self._wanted) + 1)
+            self._metrics.incr(m.REDIS_RECONNECTS)
+            assert self._listener is not None
+            self._listener.on_bus_reconnected()
 
     def _confirm(self, channel: bytes) -> None:
         waiters = self._pending.get(channel)

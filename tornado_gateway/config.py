@@ -54,6 +54,8 @@ class Settings:
     dispatch_stream_maxlen: int = 100_000
     history_size: int = 100  # recorded messages kept per user (PROTOCOL.md 7.1); 0 = no recording
     history_ttl_s: float = 300.0  # a user's history is dropped this long after its last recorded message
+    probe_interval_s: float = 2.0  # the subscriber self-probe (PROTOCOL.md 7.4); 0 turns it off
+    probe_timeout_s: float = 5.0  # a probe not back by then: /ready 503, subscriber connection replaced
     log_level: str = "INFO"
     # Abuse limits (0 disables a limit).
     rate_limit_per_s: float = 20.0  # inbound messages per connection, sustained
@@ -106,6 +108,8 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "dispatch_stream_maxlen": (int, "DISPATCH_STREAM_MAXLEN"),
     "history_size": (int, "HISTORY_SIZE"),
     "history_ttl_s": (float, "HISTORY_TTL"),
+    "probe_interval_s": (float, "PROBE_INTERVAL"),
+    "probe_timeout_s": (float, "PROBE_TIMEOUT"),
     "log_level": (str, "LOG_LEVEL"),
     "rate_limit_per_s": (float, "RATE_LIMIT_PER_SECOND"),
     "rate_limit_burst": (int, "RATE_LIMIT_BURST"),
@@ -126,7 +130,8 @@ _OPTIONS: dict[str, tuple[type, str]] = {
 _CONF_ALIASES = {"heartbeat_interval": "heartbeat_interval_s", "heartbeat_timeout": "heartbeat_timeout_s",
                  "instance_ttl": "instance_ttl_s", "shutdown_drain_seconds": "shutdown_drain_s",
                  "rate_limit_per_second": "rate_limit_per_s", "token_expiry_grace": "token_expiry_grace_s",
-                 "history_ttl": "history_ttl_s"}
+                 "history_ttl": "history_ttl_s", "probe_interval": "probe_interval_s",
+                 "probe_timeout": "probe_timeout_s"}
 
 
 def env_name(option: str) -> str:
@@ -236,6 +241,9 @@ def validate(settings: Settings) -> None:
         raise ConfigError("HISTORY_SIZE must be >= 0 (0 turns recording off) and HISTORY_TTL > 0 seconds")
     if settings.instance_ttl_s < 1:
         raise ConfigError("INSTANCE_TTL must be at least 1 second")
+    if settings.probe_interval_s < 0 or (settings.probe_interval_s > 0
+                                         and settings.probe_timeout_s <= settings.probe_interval_s / 2):
+        raise ConfigError("PROBE_INTERVAL must be >= 0 (0 turns the probe off) and PROBE_TIMEOUT more than half of it")
     if settings.processes < 1:
         raise ConfigError("PROCESSES must be at least 1")
     if settings.event_loop not in ("auto", "asyncio", "uvloop"):

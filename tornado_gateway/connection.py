@@ -64,8 +64,9 @@ class Connection:
         self.coalesced: dict[str, bytes] | None = None  # latest-wins frames held while the socket is congested
         # Until `connected` is sent, what is sent waits here: a message for the user can arrive as soon
         # as the user's channel is subscribed, and `connected` is always the first frame a client gets.
-        # Recorded messages wait here as (seq, frame), so that a replay read meanwhile can skip them.
-        self.opening: list[str | bytes | tuple[int, bytes]] | None = []
+        # Recorded messages wait here as (epoch, seq, frame): which of them are new to the client is
+        # known only once the history position (and a replay) has been read.
+        self.opening: list[str | bytes | tuple[str, int, bytes]] | None = []
         self.outbound = outbound
         # The history position this client has seen (PROTOCOL.md 7): a recorded message reaches it once.
         self.epoch: str | None = None
@@ -97,17 +98,25 @@ class Connection:
         return self.transport.write_frame(data)
 
     def take_record(self, epoch: str, seq: int) -> bool:
-        """Whether a recorded message is new to this client (a replay and live delivery may both
-        bring it); a new epoch means the user's history started again, so its seqs are new."""
+        """Whether a recorded message is new to this client (a replay, a gap fill and live delivery
+        may all bring it); a new epoch means the user's history started again, so its seqs are new."""
         if epoch == self.epoch and seq <= self.last_seq:
             return False
         self.epoch, self.last_seq = epoch, seq
         return True
 
-    def hold_record(self, seq: int, frame: bytes) -> None:
-        """A recorded message accepted by `take_record` before `connected`: held with its seq."""
+    def misses(self, epoch: str, seq: int) -> bool:
+        """Whether recorded messages before this one never reached the client (PROTOCOL.md 7.4)."""
+        if self.epoch is None or self.opening is not None:
+            return False  # no position known yet: nothing to compare with
+        if epoch == self.epoch:
+            return seq > self.last_seq + 1
+        return seq > 1  # numbering began again under a new epoch, and this is not its first message
+
+    def hold_record(self, epoch: str, seq: int, frame: bytes) -> None:
+        """A recorded message that arrived before `connected`; `release_held` decides if it is new."""
         if self.opening is not None and not self.closed:
-            self.opening.append((seq, frame))
+            self.opening.append((epoch, seq, frame))
 
     def open_with(self, connected: str | bytes) -> None:
         """Send `connected`, then whatever arrived for the client while it was being set up."""
@@ -120,17 +129,22 @@ class Connection:
             return False
         return self.transport.write_frame(data)
 
-    def release_held(self, replayed_up_to: int = 0) -> None:
-        """Send what arrived during the set-up; a recorded message only if a replay (which ended
-        at seq `replayed_up_to`) did not already carry it: each arrives exactly once."""
+    def release_held(self, epoch: str | None = None, after: int = 0, position: int = 0) -> None:
+        """Send what arrived during the set-up. The client has every recorded message of `epoch`
+        up to seq `after` (those it resumed from, then the replay), so only later ones go out: each
+        arrives exactly once. From then on it stands at `position` (what `connected` said) or the
+        last one sent, whichever is further."""
         held, self.opening = self.opening, None
+        if epoch is not None:
+            self.epoch, self.last_seq = epoch, after
         for item in held or ():
             if isinstance(item, tuple):
-                if item[0] > replayed_up_to:
-                    self.send(item[1])
+                if self.take_record(item[0], item[1]):
+                    self.send(item[2])
             else:
                 self.send(item)
-        self.last_seq = max(self.last_seq, replayed_up_to)
+        if epoch is not None and self.epoch == epoch:
+            self.last_seq = max(self.last_seq, position)
 
     def send_error(self, ids: IdGenerator, code: ErrorCode, message: str, ref: str | None = None) -> None:
         self.send(dumps(envelope("error", error_payload(code, message, ref), ids.next())))

@@ -18,7 +18,7 @@ import logging
 import resource
 import secrets
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Collection
 from typing import Any, Final, TypedDict
 
 import ujson
@@ -28,6 +28,7 @@ from . import metrics as m
 from .auth import Identity, Resume, TokenVerifier
 from .backoff import Backoff
 from .bus import Bus, BusUnavailable
+from .catchup import CatchUp
 from .config import Settings
 from .connection import Connection, Transport
 from .errors import CloseCode, ErrorCode, GatewayError, ValidationError, close_reason_name
@@ -90,7 +91,7 @@ class Opening:
     epoch: str | None = None
     seq: int = 0
     recovered: bool = False
-    replay: list[tuple[int, bytes]] = dataclasses.field(default_factory=list)
+    replay: list[bytes] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -134,6 +135,8 @@ class Gateway:
         self._unregistered: set[Connection] = set()
         self._resync_task: asyncio.Task[None] | None = None
         self._resync_again = False
+        self.catchup = CatchUp(self.history, self._cursor, self._deliver_filled, metrics,
+                               give_up_after_s=settings.history_ttl_s) if self.history is not None else None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -166,6 +169,8 @@ class Gateway:
         for timer in self._timers:  # kept running until now: a long drain must not look like a death
             timer.stop()
         await self._stop_resync()  # a pass still writing would put back what remove_server removes
+        if self.catchup is not None:
+            await self.catchup.stop()
         try:
             await self.presence.remove_server(connections)
         except Exception:
@@ -235,8 +240,9 @@ class Gateway:
             payload["recovered"] = opening.recovered
             self.metrics.incr(m.RESUMES.format(outcome="recovered" if opening.recovered else "not_recovered"))
         conn.write_first(dumps(envelope("connected", payload, self.ids.next())))
-        replayed_up_to = await self._replay(conn, opening.replay)
-        conn.release_held(replayed_up_to)
+        await self._replay(conn, opening.replay)
+        # A replay covers everything up to the position it was read at (expired ones skipped).
+        conn.release_held(opening.epoch, opening.seq if opening.recovered else 0, opening.seq)
         self.metrics.incr(m.CONNECTIONS_OPENED)
         log.info("opened %s user=%s type=%s device=%s platform=%s server=%s ip=%s", conn.connection_id,
                  identity.user_id, identity.user_type, identity.device_id, identity.platform, self.server_id,
@@ -258,30 +264,22 @@ class Gateway:
             return Opening()
         return Opening(position.epoch, position.seq)
 
-    def _replay_frames(self, records: list[bytes]) -> list[tuple[int, bytes]]:
-        frames: list[tuple[int, bytes]] = []
-        for data in records:
-            prepared = self._record_frame(data)
-            if prepared is not None:
-                frames.append((prepared[0].seq, prepared[1]))
-        return frames
+    def _replay_frames(self, records: list[bytes]) -> list[bytes]:
+        return [prepared[1] for prepared in map(self._record_frame, records) if prepared is not None]
 
-    async def _replay(self, conn: Connection, frames: list[tuple[int, bytes]]) -> int:
+    async def _replay(self, conn: Connection, frames: list[bytes]) -> None:
         """Write the replay ahead of live messages, paced by the socket: a replay larger than
         MAX_OUTBOUND_BUFFER waits for the client to read rather than closing it as slow."""
         budget = self.settings.max_outbound_buffer // 2 or REPLAY_BUDGET
-        top = 0
-        for seq, frame in frames:
+        for frame in frames:
             if conn.closed:
                 break
             if conn.transport.buffered_bytes() + len(frame) > budget and not await self._drained(conn):
                 self._close_slow(conn)
                 break
             conn.write_first(frame)
-            top = seq
         if frames:
             self.metrics.incr(m.MESSAGES_REPLAYED, len(frames))
-        return top
 
     async def _drained(self, conn: Connection) -> bool:
         """Whether the client read what was queued within the heartbeat timeout."""
@@ -428,7 +426,7 @@ class Gateway:
         if not devices:
             return
         if data.startswith(RECORD_HEAD):
-            self._deliver_record(devices.values(), data)
+            self._deliver_record(user_id, devices.values(), data)
             return
         prepared = self.prepare_outbound(data)
         if prepared is None:
@@ -439,24 +437,35 @@ class Gateway:
             deliver(conn, frame, key)
         self.metrics.incr(m.MESSAGES_OUT.format(type=kind), len(devices))
 
-    def _deliver_record(self, devices: Iterable[Connection], data: bytes) -> None:
-        """A recorded message: to each device that has not had it yet (a replay may have brought it)."""
+    def _deliver_record(self, user_id: str, devices: Collection[Connection], data: bytes, *,
+                        filled: bool = False) -> None:
+        """A recorded message: to each device that has not had it yet (a replay or a gap fill may
+        have brought it); one that shows a device missed earlier ones waits for a gap fill."""
+        catchup = self.catchup
+        if not filled and catchup is not None and catchup.holding(user_id, data):
+            return
         prepared = self._record_frame(data)
         if prepared is None:
             return
         record, frame, kind = prepared
+        if not filled and catchup is not None and any(conn.misses(record.epoch, record.seq) for conn in devices):
+            catchup.fill(user_id, data)
+            return
         if record.expires_at is not None and record.expires_at <= now_ms():
             self.metrics.incr(m.MESSAGES_EXPIRED)
+            for conn in devices:  # passed over, not missed: no gap fill for it later
+                if conn.opening is None:
+                    conn.take_record(record.epoch, record.seq)
             return
         deliver, sent = self.flow.deliver, 0
         for conn in list(devices):
-            if not conn.take_record(record.epoch, record.seq):
+            if conn.opening is not None:
+                conn.hold_record(record.epoch, record.seq, frame)
+            elif conn.take_record(record.epoch, record.seq):
+                deliver(conn, frame, None)
+            else:
                 continue
             sent += 1
-            if conn.opening is not None:
-                conn.hold_record(record.seq, frame)
-            else:
-                deliver(conn, frame, None)
         self.metrics.incr(m.MESSAGES_OUT.format(type=kind), sent)
         self.metrics.timing(m.DELIVERY_MS.format(type=kind), now_ms() - record.timestamp)
 
@@ -504,6 +513,24 @@ class Gateway:
 
     def on_bus_reconnected(self) -> None:
         self.request_resync()
+        if self.catchup is not None:  # what was recorded while this instance was not subscribed
+            self._spawn(self.catchup.catch_up(self.hub.users()))
+
+    def _cursor(self, user_id: str) -> tuple[str, int] | None:
+        """Where the user's furthest-behind connected device stands in the history."""
+        devices = self.hub.devices(user_id)
+        positions = [(conn.last_seq, conn.epoch) for conn in (devices or {}).values()
+                     if conn.epoch is not None and conn.opening is None and not conn.closed]
+        if not positions:
+            return None
+        seq, epoch = min(positions)
+        assert epoch is not None
+        return epoch, seq
+
+    def _deliver_filled(self, user_id: str, data: bytes) -> None:
+        devices = self.hub.devices(user_id)
+        if devices:
+            self._deliver_record(user_id, devices.values(), data, filled=True)
 
     def request_resync(self) -> None:
         """Make Redis match this instance again, retrying until it does: after Redis came back

@@ -68,6 +68,10 @@ class Hub:
     def devices(self, user_id: str) -> dict[DeviceId, Connection] | None:
         return self._by_user.get(UserId(user_id))
 
+    def users(self) -> list[str]:
+        """A snapshot: callers await between users while connections come and go."""
+        return list(self._by_user)
+
     def has_user(self, user_id: str) -> bool:
         return user_id in self._by_user
 

@@ -42,6 +42,10 @@ MESSAGES_REPLAYED = "messages.replayed"
 MESSAGES_EXPIRED = "messages.expired"
 RESUMES = "resumes.{outcome}"
 DELIVERY_MS = "delivery_ms.{type}"
+MESSAGES_GAP_FILLED = "messages.gap_filled"
+GAPS_UNFILLED = "messages.gaps_unfilled"
+PROBE_MS = "redis.probe_ms"
+PROBE_FAILURES = "redis.probe_failures"
 
 
 class Metrics:

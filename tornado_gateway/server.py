@@ -20,7 +20,7 @@ from tornado.netutil import bind_sockets
 
 from .app import make_app
 from .bus import Bus, MemoryBus
-from .bus_redis import RedisBus
+from .bus_redis import Probe, RedisBus
 from .config import DEV_JWT_SECRET, MEMORY_URL, Settings
 from .gateway import Gateway
 from .history import History, MemoryHistory
@@ -100,7 +100,8 @@ async def build_backends(settings: Settings, metrics: Metrics) -> Backends:
     commands = PipelinedClient(settings.redis_url)
     presence = RedisPresence(redis, commands, keys, settings.server_id, settings.instance_ttl_s)
     bus = RedisBus(commands, settings.redis_url, keys, settings.server_id, metrics,
-                   stream_maxlen=settings.dispatch_stream_maxlen)
+                   stream_maxlen=settings.dispatch_stream_maxlen, probe=Probe(settings.probe_interval_s,
+                                                                               settings.probe_timeout_s))
     history = RedisHistory(commands, keys, settings.history_size, settings.history_ttl_s, settings.max_message_size)
     return presence, bus, history, redis
 
