@@ -280,3 +280,33 @@ def test_a_heartbeat_tick_survives_clients_closed_by_the_outbound_limit_while_it
         scheduler.add(client)
     scheduler.tick()
     assert all(client.bucket == -1 for client in clients)
+
+
+# --- gaps in recorded messages (PROTOCOL.md 7.4) ----------------------------------------------
+
+
+def positioned(epoch: str | None = None, last_seq: int = 0, *, opening: bool = False) -> Connection:
+    """A connected device that has seen recorded messages of `epoch` up to `last_seq`."""
+    c = conn("c1", "u", "d")
+    c.epoch, c.last_seq = epoch, last_seq
+    if not opening:
+        c.opening = None
+    return c
+
+
+def test_the_next_seq_is_no_gap() -> None:
+    assert not positioned("e1", 4).misses("e1", 5)
+
+
+def test_a_seq_past_the_next_one_is_a_gap() -> None:
+    assert positioned("e1", 4).misses("e1", 7)
+
+
+def test_a_new_epochs_first_message_is_no_gap_but_a_later_one_is() -> None:
+    assert not positioned("e1", 4).misses("e2", 1)
+    assert positioned("e1", 4).misses("e2", 3)
+
+
+def test_a_device_without_a_position_or_still_opening_never_sees_a_gap() -> None:
+    assert not positioned(None).misses("e1", 9)
+    assert not positioned("e1", 1, opening=True).misses("e1", 9)

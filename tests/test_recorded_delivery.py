@@ -108,6 +108,18 @@ async def test_resuming_from_a_seq_in_the_future_is_not_recovered(gateway: Gatew
     back.close()
 
 
+async def test_after_an_unrecovered_resume_later_recorded_messages_arrive_live(gateway: GatewayProcess) -> None:
+    user = unique()
+    first = await gateway.connect(user)
+    epoch = first.frames[0]["payload"]["epoch"]
+    first.close()
+    back = await resume(gateway, user, since=99, epoch=epoch)  # a seq from the future: not recovered
+    assert (await back.recv("connected"))["payload"]["recovered"] is False
+    await broadcast(gateway, user, ride_request(1))
+    assert (await back.recv("ride_request"))["seq"] == 1
+    back.close()
+
+
 @pytest.mark.parametrize("query", [{"since": "abc", "epoch": "e"}, {"since": "-1", "epoch": "e"},
                                    {"since": "5"}, {"epoch": "e"}, {"since": "1", "epoch": "bad%21epoch"}])
 async def test_a_garbage_resume_request_is_4400(gateway: GatewayProcess, query: dict[str, str]) -> None:

@@ -265,7 +265,13 @@ class Gateway:
         return Opening(position.epoch, position.seq)
 
     def _replay_frames(self, records: list[bytes]) -> list[bytes]:
-        return [prepared[1] for prepared in map(self._record_frame, records) if prepared is not None]
+        frames = []
+        for data in records:
+            record = decode_record(data)
+            prepared = self._record_frame(record) if record is not None else None
+            if prepared is not None:
+                frames.append(prepared[0])
+        return frames
 
     async def _replay(self, conn: Connection, frames: list[bytes]) -> None:
         """Write the replay ahead of live messages, paced by the socket: a replay larger than
@@ -444,19 +450,22 @@ class Gateway:
         catchup = self.catchup
         if not filled and catchup is not None and catchup.holding(user_id, data):
             return
-        prepared = self._record_frame(data)
-        if prepared is None:
+        record = decode_record(data)
+        if record is None:
+            self._undeliverable("not a record")
             return
-        record, frame, kind = prepared
         if not filled and catchup is not None and any(conn.misses(record.epoch, record.seq) for conn in devices):
             catchup.fill(user_id, data)
             return
-        if record.expires_at is not None and record.expires_at <= now_ms():
-            self.metrics.incr(m.MESSAGES_EXPIRED)
+        prepared = self._record_frame(record)
+        if prepared is None or (record.expires_at is not None and record.expires_at <= now_ms()):
+            if prepared is not None:
+                self.metrics.incr(m.MESSAGES_EXPIRED)
             for conn in devices:  # passed over, not missed: no gap fill for it later
                 if conn.opening is None:
                     conn.take_record(record.epoch, record.seq)
             return
+        frame, kind = prepared
         deliver, sent = self.flow.deliver, 0
         for conn in list(devices):
             if conn.opening is not None:
@@ -469,18 +478,17 @@ class Gateway:
         self.metrics.incr(m.MESSAGES_OUT.format(type=kind), sent)
         self.metrics.timing(m.DELIVERY_MS.format(type=kind), now_ms() - record.timestamp)
 
-    def _record_frame(self, data: bytes) -> tuple[Record, bytes, str] | None:
-        record = decode_record(data)
+    def _record_frame(self, record: Record) -> tuple[bytes, str] | None:
         try:
-            if record is None:
-                raise ValidationError("not a record")
             kind, payload, _ref, _stamp = validate_service_message(record.message)
-            return record, service_frame(kind, payload, record.id, record.timestamp, record.message,
-                                         record.seq), kind
+            return service_frame(kind, payload, record.id, record.timestamp, record.message, record.seq), kind
         except (ValueError, OverflowError, ValidationError) as exc:
-            self.metrics.incr(m.MESSAGES_DROPPED.format(reason="invalid"))
-            log.warning("dropped an undeliverable recorded message: %s", exc)
+            self._undeliverable(str(exc))
             return None
+
+    def _undeliverable(self, reason: str) -> None:
+        self.metrics.incr(m.MESSAGES_DROPPED.format(reason="invalid"))
+        log.warning("dropped an undeliverable recorded message: %s", reason)
 
     def prepare_outbound(self, data: bytes) -> tuple[bytes, str, str | None] | None:
         """Check a service message once per user (not per device); add id/timestamp only if missing."""
