@@ -79,6 +79,8 @@ class DelayingProxy:
                     queue.put_nowait((loop.time() + self.delay, data))
             queue.put_nowait((loop.time() + self.delay, b""))
             await sender
+        except ConnectionError:  # a peer reset its side, or `drop()` cut it: this direction is over
+            pass
         finally:
             sender.cancel()
             with contextlib.suppress(Exception):
