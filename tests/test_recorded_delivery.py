@@ -206,3 +206,25 @@ async def test_a_client_resumes_on_another_instance(make_gateway) -> None:  # ty
     await broadcast(first, user, ride_request(6))
     assert (await back.recv("ride_request"))["seq"] == 6  # then live traffic, through the other instance
     back.close()
+
+
+async def test_a_phone_back_after_10_s_on_the_other_instance_gets_all_20_requests_once_in_order_but_no_expired_one(
+        make_gateway) -> None:  # type: ignore[no-untyped-def]
+    first, second = make_gateway({"HISTORY_SIZE": "50"}), make_gateway({"HISTORY_SIZE": "50"})
+    user = unique()
+    phone = await first.connect(user, device_id="phone")
+    epoch = phone.frames[0]["payload"]["epoch"]
+    phone.close()
+    dropped_at = time.monotonic()
+    soon = int(time.time() * 1000) + 2000  # every fifth request is an offer that lapses while the phone is away
+    for n in range(1, 21):
+        lapsing = {"expiresAt": soon} if n % 5 == 0 else {}
+        await broadcast(first if n % 2 else second, user, ride_request(n, **lapsing))
+    await asyncio.sleep(10 - (time.monotonic() - dropped_at))
+    back = await resume(second, user, since=0, epoch=epoch)
+    assert (await back.recv("connected"))["payload"]["recovered"] is True
+    expected = [n for n in range(1, 21) if n % 5]
+    received = [(await back.recv("ride_request"))["payload"]["requestId"] for _ in expected]
+    assert received == [f"r{n}" for n in expected]
+    assert await back.no_frame("ride_request", within=0.5)
+    back.close()
