@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -34,13 +35,17 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def prefix(redis_url: str) -> Iterator[str]:
-    """A key prefix per test module, deleted afterwards, so tests never see each other's keys."""
+    """A key prefix per test module, deleted afterwards with the function library every gateway
+    loads under it (functions outlive keys), so tests never see each other's state."""
     name = unique("gwtest")
     yield name
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(f"{name}:*", count=1000))
     if keys:
         client.delete(*keys)
+    with contextlib.suppress(redis.ResponseError):
+        client.function_delete(Keys(name).history_library())
+    client.close()
 
 
 gateway = module_gateway()
@@ -101,18 +106,6 @@ async def redis_async(redis_url: str) -> AsyncIterator[aredis.Redis]:
     client = aredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
-
-
-@pytest.fixture(scope="module")
-def delete_history_library(redis_url: str, prefix: str) -> Iterator[None]:
-    """The history function library outlives keys: a module that loads it under its prefix removes it."""
-    yield
-    client = redis.Redis.from_url(redis_url)
-    try:
-        client.function_delete(Keys(prefix).history_library())
-    except redis.ResponseError:
-        pass
-    client.close()
 
 
 @pytest.fixture

@@ -17,11 +17,6 @@ from tornado_gateway.redis_keys import Keys
 from tornado_gateway.resp import PipelinedClient
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _library(delete_history_library: None) -> None:
-    return None
-
-
 @pytest.fixture
 async def history(pipelined: PipelinedClient, prefix: str) -> History:
     redis_history = RedisHistory(pipelined, Keys(prefix), size=5, ttl_s=60, max_message_size=65536)

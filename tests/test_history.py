@@ -66,11 +66,6 @@ def keys(prefix: str) -> Keys:
     return Keys(prefix)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _library(delete_history_library: None) -> None:
-    return None
-
-
 @pytest.fixture(params=["memory", "redis"])
 async def make(pipelined: PipelinedClient,
                request: pytest.FixtureRequest, redis_async: aredis.Redis, keys: Keys) -> AsyncIterator[Factory]:

@@ -15,11 +15,6 @@ from tornado_gateway.redis_keys import Keys
 from tornado_gateway.resp import PipelinedClient
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _library(delete_history_library: None) -> None:
-    return None
-
-
 @pytest.fixture
 async def history(pipelined: PipelinedClient, prefix: str) -> RedisHistory:
     """What a gateway instance does at start: load the functions the publisher calls."""
