@@ -19,7 +19,6 @@ from tests.helpers import ROOT, GatewayProcess, eventually, make_token, unique
 from tests.tcp_proxy import DelayingProxy
 
 NODE = shutil.which("node")
-pytestmark = pytest.mark.usefixtures("delete_history_library")  # the gateways load it under this module's prefix
 
 
 @pytest.mark.skipif(NODE is None, reason="node is not installed")
