@@ -350,6 +350,16 @@ async def test_duplicate_producer_id_returns_the_original_seq_and_is_not_publish
     assert (await backend.history.position(user)).seq == 2
 
 
+async def test_a_producer_id_first_used_after_messages_without_ids_is_recognised(make: Factory) -> None:
+    history = (await make()).history
+    user = unique("u")
+    await record_many(history, user, 2)
+    first = await history.record(user, notification(extra=',"id":"late"'))
+    await record_many(history, user, 1)
+    again = await history.record(user, notification(extra=',"id":"late"'))
+    assert (first.seq, again.seq, again.duplicate) == (3, 3, True)
+
+
 async def test_a_trimmed_producer_id_is_recorded_again(make: Factory) -> None:
     history = (await make(size=2)).history
     user = unique("u")
@@ -389,6 +399,8 @@ async def test_a_record_whose_expires_at_passes_is_skipped_by_since(make: Factor
     ('{"type":"notification","payload":{"title":"t","body":NaN}}', "message is not valid JSON"),
     ('{"type":"notification","payload":{"title":"t","body":0x10}}', "message is not valid JSON"),
     ('{"type":"notification","payload":{"title":"t","body":+1}}', "message is not valid JSON"),
+    ('{"type":"notification","payload":{"title":"t","body":1e999}}', "message is not valid JSON"),
+    ('{"type":"notification","payload":{"title":"t","body":Infinity}}', "message is not valid JSON"),
     (b'{"type":"notification","payload":{"title":"\xff","body":"b"}}', "message is not valid JSON"),
     ('[{"type":"notification"}]', "body must be a JSON object"),
     ('{"type":"connected","payload":{}}', "type must be one of ride_request, ride_status"),
