@@ -34,6 +34,7 @@ test: lint typecheck unit  ## ruff, mypy --strict and the whole pytest suite
 bench: install  ## the benchmarks behind docs/BENCHMARKS.md (~35 min: 20K users x 3 runs, then the 100K hold)
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench.py --hold-100k
+	$(BIN)/python scripts/storm.py --write-doc  # reconnect storm: 20K clients dropped at once, resumed with since (~3 min)
 
 bench-quick: install  ## a 3-minute version of the same scenarios
 	$(BIN)/python scripts/bench.py --quick

@@ -5,24 +5,41 @@ run starts both servers itself (fresh Redis prefix each time), drives them with 
 takes medians over repeats, and rewrites its own section of docs/BENCHMARKS.md with the machine
 description, the commands and the ratios. Hand-written text outside the generated sections is kept.
 
-    python scripts/bench.py --quick          # ~2 minutes: 3,000 connections, short steps
+    python scripts/bench.py --quick          # ~4 minutes: 3,000 connections, short steps, recording
     python scripts/bench.py                  # full: 20K users on 2 processes, stepped fan-out/upstream
     python scripts/bench.py --hold-100k      # 100,000 connections, PROCESSES=6, 5 minutes
     python scripts/bench.py --baseline 8569bb8   # also an older commit of the gateway, in the same runs
+    python scripts/bench.py --quick --servers gateway --baseline 0326ea6 --only recording
 
 Repeats are interleaved (gateway, socketio, gateway, ...) so that a machine getting busier or
 quieter during a run shifts every server alike, and a fixed pure-Python workload is timed before
 and after ("calibration") so that sections written on different days can be put side by side.
+
+Each run starts its own redis-server (on a free port, no persistence) and stops it at the end:
+the machine's shared Redis is never touched, other users of it do not load the one measured, and
+Redis's CPU per message can be measured next to the gateway's (recording moves work into Redis,
+so a gateway-only figure would flatter it). `--redis URL` uses an existing Redis instead, without
+Redis CPU figures.
+
+The `recording` scenario measures what recording a message (PROTOCOL.md 7.1) costs against the
+same message unrecorded, side by side in one run: `FCALL <prefix>_publish` against plain PUBLISH
+of the same recorded-type message on the same gateway, alternating rate by rate, and
+POST /broadcast (recorded) against the same request on the `--baseline` release, which only
+published. It writes one more table: delivered msg/s, gateway and Redis CPU per message, and the
+recorded/unrecorded ratio against the issue's 1.5x budget.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
+import random
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -43,14 +60,18 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.loadgen import RunReport, StepReport  # noqa: E402 - needs ROOT on sys.path when run as a file
+from scripts.loadgen import RunReport, StepReport, publish_function  # noqa: E402 - needs ROOT on sys.path when run as a file
 
 Server = Literal["gateway", "socketio", "baseline"]
 SECRET = "bench-secret-0123456789abcdef-0123456789abcdef"
-REDIS_URL = "redis://127.0.0.1:6379"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 LATENCY_RULE_MS = 50.0
 BASELINE_DIR = Path(tempfile.gettempdir()) / "tornado-gateway-bench-baseline"
+# Listening ports come from below the kernel's ephemeral range (32768-60999 here), so that no
+# outgoing connection of the load generator can hold the port a server is about to bind.
+SERVER_PORTS = range(20000, 32000)
+RECORDING_CPU_BUDGET = 1.5  # the issue: each recorded path within 1.5x the CPU of its unrecorded counterpart
+RECORDED_TYPE = "ride_status"
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,12 @@ class Scenario:
     loadgen_args: tuple[str, ...]
     servers: tuple[Server, ...]
     timeout_s: float
+    # What the baseline runs instead, when it lacks a path (a release before gateway_publish).
+    baseline_args: tuple[str, ...] | None = None
+    recording: bool = False  # compares recorded with unrecorded paths: gets the recording table
+
+    def args_for(self, kind: Server) -> tuple[str, ...]:
+        return self.baseline_args if kind == "baseline" and self.baseline_args is not None else self.loadgen_args
 
 
 @dataclass
@@ -80,7 +107,8 @@ class Outcome:
 def quick_scenarios(servers: tuple[Server, ...]) -> list[Scenario]:
     args = ("--connect-rate", "1500", "--hold", "10", "--fanout", "publish,http", "--rates", "1000,4000",
             "--step", "4", "--upstream", "2000")
-    return [Scenario("quick", 3000, 2, args, servers, 240)]
+    return [Scenario("quick", 3000, 2, args, servers, 240),
+            recording_scenario("quick-recording", 3000, servers, ("2000", "8000", "16000"), ("1000", "3000"), 4)]
 
 
 def full_scenarios(servers: tuple[Server, ...]) -> list[Scenario]:
@@ -89,7 +117,23 @@ def full_scenarios(servers: tuple[Server, ...]) -> list[Scenario]:
     http = ("--connect-rate", "2000", "--hold", "5", "--fanout", "http", "--rates", "1000,2000,3000,4000",
             "--step", "10", "--upstream", "2000,4000,6000,8000")
     return [Scenario("20k-publish", 20000, 2, fanout, servers, 600),
-            Scenario("20k-http-upstream", 20000, 2, http, servers, 600)]
+            Scenario("20k-http-upstream", 20000, 2, http, servers, 600),
+            recording_scenario("20k-recording", 20000, servers, ("4000", "8000", "16000", "32000"),
+                               ("1000", "2000", "3000"), 10)]
+
+
+def recording_scenario(name: str, connections: int, servers: tuple[Server, ...], rates: Sequence[str],
+                       http_rates: Sequence[str], step_s: int) -> Scenario:
+    """A recorded type (ride_status) through PUBLISH (live-only) and FCALL (recorded) at the same
+    rates, alternating, plus POST /broadcast (recorded by the gateway). The baseline release has no
+    gateway_publish, so it runs POST /broadcast only: its broadcast is the unrecorded counterpart.
+    Socket.io has no recording at all and is left out."""
+    common = ("--connect-rate", "2000", "--hold", "4", "--message-type", RECORDED_TYPE, "--rates", ",".join(rates),
+              "--http-rates", ",".join(http_rates), "--step", str(step_s))
+    steps = len(rates) * 2 + len(http_rates)
+    return Scenario(name, connections, 2, (*common, "--fanout", "publish,fcall,http"),
+                    tuple(s for s in servers if s != "socketio"), 300 + steps * (step_s + 5),
+                    baseline_args=(*common, "--fanout", "http"), recording=True)
 
 
 def hold_100k_scenarios(servers: tuple[Server, ...], seconds: float, connections: int,
@@ -103,9 +147,70 @@ def hold_100k_scenarios(servers: tuple[Server, ...], seconds: float, connections
 # --------------------------------------------------------------------------------------------
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port below the ephemeral range that nothing is bound to right now."""
+    for port in random.sample(SERVER_PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {SERVER_PORTS}")
+
+
+@dataclass
+class BenchRedis:
+    """The Redis every server and load generator of one bench run talks to: by default one the
+    bench started (`proc`), whose CPU the load generator measures; or an existing one (no `proc`)."""
+
+    url: str
+    proc: subprocess.Popen[bytes] | None = None
+    workdir: Path | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_connect_timeout=2)
+
+
+def start_redis() -> BenchRedis:
+    """A private redis-server: no persistence (no fork for a save to show up in its CPU), its files
+    in a temporary directory. Stopped by `stop_redis`, by its pid."""
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(workdir), "--logfile", str(workdir / "redis.log"), "--daemonize", "no"]
+    own = BenchRedis(f"redis://127.0.0.1:{port}", subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                                                      stderr=subprocess.DEVNULL), workdir)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert own.proc is not None
+        if own.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited: {(workdir / 'redis.log').read_text(errors='replace')[-2000:]}")
+        try:
+            own.client().ping()
+            return own
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.1)
+    stop_redis(own)
+    raise RuntimeError("redis-server did not answer PING")
+
+
+def stop_redis(own: BenchRedis) -> None:
+    """Stop the Redis this bench started (only that pid); an existing Redis is left alone."""
+    if own.proc is None:
+        return
+    if own.proc.poll() is None:
+        own.proc.terminate()
+        try:
+            own.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            own.proc.kill()
+            own.proc.wait(5)
+    if own.workdir is not None:
+        shutil.rmtree(own.workdir, ignore_errors=True)
 
 
 @dataclass
@@ -117,10 +222,10 @@ class RunningServer:
     log_path: Path
 
 
-def start_server(kind: Server, processes: int) -> RunningServer:
+def start_server(kind: Server, processes: int, redis_url: str) -> RunningServer:
     port = free_port()
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "JWT_SECRET": SECRET, "REDIS_URL": REDIS_URL, "REDIS_PREFIX": prefix, "PORT": str(port),
+    env = {**os.environ, "JWT_SECRET": SECRET, "REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "PORT": str(port),
            "BIND_ADDRESS": "127.0.0.1", "STATSD_HOST": "", "HEARTBEAT_INTERVAL": "30", "HEARTBEAT_TIMEOUT": "75",
            "LOG_LEVEL": "WARNING", "PROCESSES": str(processes), "PYTHONUNBUFFERED": "1"}
     command = ([sys.executable, "-m", "tornado_gateway"] if kind != "socketio"
@@ -159,7 +264,7 @@ def wait_ready(server: RunningServer, processes: int) -> None:
     raise RuntimeError(f"{server.kind} did not become ready")
 
 
-def stop_server(server: RunningServer) -> None:
+def stop_server(server: RunningServer, bench_redis: BenchRedis) -> None:
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGTERM)
         try:
@@ -169,12 +274,19 @@ def stop_server(server: RunningServer) -> None:
                 child.kill()
             server.proc.kill()
             server.proc.wait(10)
-    client = redis.Redis.from_url(REDIS_URL)
+    client = bench_redis.client()
     keys = list(client.scan_iter(f"{server.prefix}:*", count=1000))
     for start in range(0, len(keys), 1000):
         client.delete(*keys[start:start + 1000])
+    with contextlib.suppress(redis.ResponseError):  # the history library outlives the keys; older releases have none
+        client.function_delete(history_library(server.prefix))
     client.close()
     server.log_path.unlink(missing_ok=True)
+
+
+def history_library(prefix: str) -> str:
+    """The gateway's Redis function library for `prefix` (redis_keys.Keys.history_library)."""
+    return publish_function(prefix).removesuffix("_publish") + "_history"
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,18 +297,20 @@ def flavor(kind: Server) -> str:
     return "socketio" if kind == "socketio" else "gateway"
 
 
-def loadgen_command(scenario: Scenario, server: RunningServer, json_path: Path) -> list[str]:
+def loadgen_command(scenario: Scenario, server: RunningServer, json_path: Path,
+                    bench_redis: BenchRedis) -> list[str]:
+    measured = ("--redis-pid", str(bench_redis.pid)) if bench_redis.pid is not None else ()
     return [sys.executable, str(ROOT / "scripts" / "loadgen.py"), "--url", f"ws://127.0.0.1:{server.port}",
-            "--flavor", flavor(server.kind), "--secret", SECRET, "--prefix", server.prefix, "--redis", REDIS_URL,
-            "--server-pid", str(server.proc.pid), "-c", str(scenario.connections), "--json", str(json_path),
-            *scenario.loadgen_args]
+            "--flavor", flavor(server.kind), "--secret", SECRET, "--prefix", server.prefix,
+            "--redis", bench_redis.url, *measured, "--server-pid", str(server.proc.pid),
+            "-c", str(scenario.connections), "--json", str(json_path), *scenario.args_for(server.kind)]
 
 
-def run_once(scenario: Scenario, kind: Server) -> RunReport:
-    server = start_server(kind, scenario.processes)
+def run_once(scenario: Scenario, kind: Server, bench_redis: BenchRedis) -> RunReport:
+    server = start_server(kind, scenario.processes, bench_redis.url)
     json_path = Path(tempfile.mkstemp(prefix="loadgen-", suffix=".json")[1])
     try:
-        command = loadgen_command(scenario, server, json_path)
+        command = loadgen_command(scenario, server, json_path, bench_redis)
         print(f"\n=== {scenario.name} / {kind} (PROCESSES={scenario.processes}) ===", flush=True)
         print("$ " + " ".join(command[1:]).replace(str(ROOT) + "/", ""), flush=True)
         subprocess.run(command, check=False, timeout=scenario.timeout_s, cwd=ROOT)
@@ -205,17 +319,18 @@ def run_once(scenario: Scenario, kind: Server) -> RunReport:
             raise RuntimeError(f"loadgen wrote no report for {scenario.name}/{kind}")
         return cast(RunReport, json.loads(text))
     finally:
-        stop_server(server)
+        stop_server(server, bench_redis)
         json_path.unlink(missing_ok=True)
 
 
-def run_all(scenarios: list[Scenario], repeats: int, labels: dict[Server, str]) -> list[Outcome]:
+def run_all(scenarios: list[Scenario], repeats: int, labels: dict[Server, str],
+            bench_redis: BenchRedis) -> list[Outcome]:
     outcomes: list[Outcome] = []
     for scenario in scenarios:
         by_kind = {kind: Outcome(scenario, kind, labels.get(kind, kind)) for kind in scenario.servers}
         for _ in range(repeats):
             for kind, outcome in by_kind.items():
-                outcome.runs.append(run_once(scenario, kind))
+                outcome.runs.append(run_once(scenario, kind, bench_redis))
         outcomes.extend(by_kind.values())
     return outcomes
 
@@ -293,7 +408,7 @@ def step_passes(step: StepReport, cpu_budget_us: float | None) -> bool:
 # markdown
 # --------------------------------------------------------------------------------------------
 
-def machine_description(calibration: tuple[float, float]) -> str:
+def machine_description(calibration: tuple[float, float], bench_redis: BenchRedis) -> str:
     def sh(*command: str) -> str:
         try:
             return subprocess.run(command, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -307,11 +422,23 @@ def machine_description(calibration: tuple[float, float]) -> str:
         f"- `free -g`:\n\n```\n{sh('free', '-g')}\n```\n",
         f"- python: {platform.python_version()} ({sys.executable.replace(str(ROOT) + '/', '')}); "
         f"open files per process: {sh('sh', '-c', 'ulimit -Hn')}; kernel {platform.release()}",
-        f"- Redis: {redis.Redis.from_url(REDIS_URL).info('server').get('redis_version', '?')} on 127.0.0.1:6379 "
-        "(the same box)",
+        f"- Redis: {redis_description(bench_redis)}",
         f"- calibration (`bench.calibrate`, a fixed pure-Python workload; lower is a faster machine): "
         f"{calibration[0]:.0f} ms before the runs, {calibration[1]:.0f} ms after",
     ])
+
+
+def redis_description(bench_redis: BenchRedis) -> str:
+    client = bench_redis.client()
+    try:
+        version = client.info("server").get("redis_version", "?")
+    finally:
+        client.close()
+    where = bench_redis.url.removeprefix("redis://")
+    if bench_redis.proc is None:
+        return f"{version} at {where} (the same box; its CPU is not measured)"
+    return (f"{version} on {where}, started by the bench for this run (no persistence), the same box; "
+            "its CPU is measured per step")
 
 
 def ratio(a: float, b: float) -> str:
@@ -340,8 +467,8 @@ def summary_rows(outcomes: list[Outcome]) -> list[str]:
 
 def step_rows(outcomes: list[Outcome]) -> list[str]:
     rows = ["| scenario | step | target/s | server | delivered/s | lost | p50 ms | p99 ms | max ms | "
-            "server us/msg | server CPU % | loadgen CPU % | publisher CPU % |",
-            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "server us/msg | server CPU % | Redis us/msg | loadgen CPU % | publisher CPU % |",
+            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for o in outcomes:
         for kind, rate in step_keys(o.runs):
             s = median_step(o.runs, kind, rate)
@@ -349,9 +476,15 @@ def step_rows(outcomes: list[Outcome]) -> list[str]:
                 continue
             rows.append(f"| {o.scenario.name} | {kind} | {rate} | {o.label} | {s['delivered_per_s']:.0f} | "
                         f"{s['lost']:.0f} | {s['p50_ms']} | {s['p99_ms']} | {s['max_ms']} | "
-                        f"{s['gateway_us_per_msg']} | {s['gateway_cpu_pct']} | {s['loadgen_cpu_pct']} | "
-                        f"{s['driver_cpu_pct']} |")
+                        f"{s['gateway_us_per_msg']} | {s['gateway_cpu_pct']} | {redis_us(s)} | "
+                        f"{s['loadgen_cpu_pct']} | {s['driver_cpu_pct']} |")
     return rows
+
+
+def redis_us(step: StepReport) -> str:
+    """Redis CPU per message, or "-" when the run could not measure it (reports of older loadgens, or
+    a Redis the bench did not start)."""
+    return f"{step['redis_us_per_msg']}" if step.get("redis_cpu_s") else "-"
 
 
 def best_rate(o: Outcome, kind: str, cpu_budget_us: float | None) -> tuple[int, StepReport | None]:
@@ -391,10 +524,10 @@ def comparison_rows(name: str, g: Outcome, o: Outcome) -> list[str]:
     for label, pick in metrics:
         a, b = med(g.runs, pick), med(o.runs, pick)
         rows.append(f"| {name} | {label} | {a:.2f} | {o.label} | {b:.2f} | {ratio(b, a)} |")
-    for kind in ("publish", "http", "upstream"):
+    for kind in ("publish", "fcall", "http", "upstream"):
         ga, gs = best_rate(g, kind, None)
         oa, os_ = best_rate(o, kind, None)
-        if gs is None and os_ is None:
+        if (gs is None and os_ is None) or not has_steps(o, kind) or not has_steps(g, kind):
             continue
         rows.append(f"| {name} | best {kind} step with zero loss and p99 < 50 ms (msg/s, higher is better) | {ga} | "
                     f"{o.label} | {oa} | {ratio(ga, oa)} |")
@@ -408,6 +541,10 @@ def comparison_rows(name: str, g: Outcome, o: Outcome) -> list[str]:
                 rows.append(f"| {name} | {kind} {rate}/s: server us per message | {gstep['gateway_us_per_msg']} | "
                             f"{o.label} | {theirs[0]} | {theirs[1]} |")
     return rows
+
+
+def has_steps(o: Outcome, kind: str) -> bool:
+    return any(k == kind for k, _ in step_keys(o.runs))
 
 
 def verdict(met: bool) -> str:
@@ -466,20 +603,125 @@ def target_rows(outcomes: list[Outcome]) -> list[str]:
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# recording: recorded paths against their unrecorded counterparts
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PathRuns:
+    """One fan-out path at one rate: its step in each repeat, in repeat order (None where missing)."""
+
+    label: str
+    steps: list[StepReport | None]
+
+    def present(self) -> list[StepReport]:
+        return [s for s in self.steps if s is not None]
+
+    def median(self, pick: Callable[[StepReport], float]) -> float:
+        return median([pick(s) for s in self.present()])
+
+
+def path_runs(o: Outcome, kind: str, rate: int, label: str) -> PathRuns:
+    return PathRuns(label, [next((s for s in r["steps"] if s["kind"] == kind and s["target_rate"] == rate), None)
+                            for r in o.runs])
+
+
+def total_us(step: StepReport) -> float:
+    """Gateway + Redis CPU per delivered message: recording moves work from the gateway into Redis
+    (the Lua function), so only the sum says what a recorded message costs the platform."""
+    return step["gateway_us_per_msg"] + step.get("redis_us_per_msg", 0.0)
+
+
+def paired_ratio(recorded: PathRuns, unrecorded: PathRuns, pick: Callable[[StepReport], float]) -> float | None:
+    """Median over repeats of recorded / unrecorded, each pair from the same repeat: the two were
+    measured seconds apart (publish/fcall in one loadgen run) or in back-to-back runs (gateway and
+    baseline), so the machine's drift over the whole bench cancels out of each pair."""
+    ratios = [pick(r) / pick(u) for r, u in zip(recorded.steps, unrecorded.steps, strict=True)
+              if r is not None and u is not None and pick(u) > 0 and r["delivered"]]
+    return median(ratios) if ratios else None
+
+
+def path_row(path: PathRuns, rate: int, ratios: tuple[float | None, float | None] | None) -> str:
+    delivered = path.median(lambda s: s["delivered_per_s"])
+    seq_share = path.median(lambda s: 100.0 * s["sequenced"] / s["delivered"] if s["delivered"] else 0.0)
+    figures = (f"| {path.label} | {rate} | {delivered:.0f} | {path.median(lambda s: s['lost']):.0f} | "
+               f"{path.median(lambda s: s['p99_ms']):.2f} | {seq_share:.0f}% | "
+               f"{path.median(lambda s: s['gateway_us_per_msg']):.1f} | "
+               f"{path.median(lambda s: s.get('redis_us_per_msg', 0.0)):.1f} | {path.median(total_us):.1f} |")
+    if ratios is None:
+        return figures + " (unrecorded) | | |"
+    both, gateway_only = ratios
+    if both is None or gateway_only is None:
+        return figures + " - | - | nothing to compare |"
+    return figures + (f" {both:.2f}x | {gateway_only:.2f}x | "
+                      f"{'yes' if both <= RECORDING_CPU_BUDGET else 'NO'} |")
+
+
+def pair_rows(unrecorded: PathRuns, recorded: PathRuns, rate: int) -> list[str]:
+    ratios = (paired_ratio(recorded, unrecorded, total_us),
+              paired_ratio(recorded, unrecorded, lambda s: s["gateway_us_per_msg"]))
+    return [path_row(unrecorded, rate, None), path_row(recorded, rate, ratios)]
+
+
+def recording_rows(outcomes: list[Outcome]) -> list[str]:
+    """Each recorded path next to its unrecorded counterpart, rate by rate: FCALL against PUBLISH of
+    the same message on the same gateway, POST /broadcast on this gateway against the baseline's."""
+    rows = ["| path | target/s | delivered msg/s | lost | p99 ms | with seq | gateway us/msg | Redis us/msg | "
+            "gateway+Redis us/msg | recorded / unrecorded (gateway+Redis) | gateway only | "
+            f"within {RECORDING_CPU_BUDGET}x |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for scenario in dict.fromkeys(o.scenario for o in outcomes if o.scenario.recording):
+        group = {o.server: o for o in outcomes if o.scenario == scenario}
+        gateway, baseline = group.get("gateway"), group.get("baseline")
+        if gateway is None:
+            continue
+        for kind, rate in step_keys(gateway.runs):
+            if kind == "fcall":
+                rows.extend(pair_rows(path_runs(gateway, "publish", rate, f"{scenario.name}: PUBLISH (live-only)"),
+                                      path_runs(gateway, "fcall", rate, f"{scenario.name}: FCALL `<prefix>_publish`"),
+                                      rate))
+            elif kind == "http" and baseline is not None:
+                rows.extend(pair_rows(path_runs(baseline, "http", rate, f"{scenario.name}: POST /broadcast, "
+                                                                        f"{baseline.label}"),
+                                      path_runs(gateway, "http", rate, f"{scenario.name}: POST /broadcast, gateway"),
+                                      rate))
+    return rows
+
+
+def recording_section(outcomes: list[Outcome]) -> list[str]:
+    if not any(o.scenario.recording for o in outcomes):
+        return []
+    return [
+        f"#### Recording: recorded paths against unrecorded ones ({RECORDED_TYPE}, PROTOCOL.md 7.1)",
+        "",
+        f"Every message is a `{RECORDED_TYPE}` (a recorded type). PUBLISH and FCALL alternate rate by rate "
+        "within each gateway run; POST /broadcast runs on this gateway (recorded) and on the baseline "
+        "(published only) in interleaved runs. Figures are medians over repeats; a ratio is the median of "
+        "the per-repeat ratios. \"with seq\" is the share of deliveries whose envelope carried `seq` "
+        "(recorded). Redis CPU covers everything Redis did in the step window, as the gateway's CPU does "
+        f"for the gateway. The budget: each recorded path within {RECORDING_CPU_BUDGET}x the gateway+Redis "
+        "CPU per message of its unrecorded counterpart.",
+        "",
+        *recording_rows(outcomes),
+        "",
+    ]
+
+
 def section(mode: str, outcomes: list[Outcome], repeats: int, argv: Sequence[str],
-            calibration: tuple[float, float]) -> str:
+            calibration: tuple[float, float], bench_redis: BenchRedis) -> str:
     parts = [
         f"### Results: `{mode}` (generated by `python scripts/bench.py {' '.join(argv)}`, "
         f"median of {repeats} run(s) per server)",
         "",
-        machine_description(calibration),
+        machine_description(calibration, bench_redis),
         "",
         "Loadgen commands (the bench starts each server with a fresh `REDIS_PREFIX`, `HEARTBEAT_INTERVAL=30`, "
         "`HEARTBEAT_TIMEOUT=75`, `LOG_LEVEL=WARNING`; socket.io uses Engine.IO ping 25 s / timeout 30 s):",
         "",
         "```",
         *sorted({f"loadgen.py -c {o.scenario.connections} --flavor {flavor(o.server)} "
-                 f"{' '.join(o.scenario.loadgen_args)}  # PROCESSES={o.scenario.processes}" for o in outcomes}),
+                 f"{' '.join(o.scenario.args_for(o.server))}  # PROCESSES={o.scenario.processes}"
+                 for o in outcomes}),
         "```",
         "",
         "#### Connections, memory, idle CPU",
@@ -495,6 +737,7 @@ def section(mode: str, outcomes: list[Outcome], repeats: int, argv: Sequence[str
         "",
         *ratio_rows(outcomes),
         "",
+        *recording_section(outcomes),
         "#### Targets",
         "",
         *target_rows(outcomes),
@@ -522,7 +765,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="bench.py", description="Run the load scenarios against tornado-gateway and python-socketio and "
                                      "write medians and ratios into docs/BENCHMARKS.md.")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="3,000 connections, short steps (~2 minutes)")
+    mode.add_argument("--quick", action="store_true",
+                      help="3,000 connections, short steps, and the recording comparison (~4 minutes a repeat)")
     mode.add_argument("--hold-100k", action="store_true", help="the 100,000-connection hold (gateway only by default)")
     parser.add_argument("--repeats", type=int, default=0, help="runs per server (default: 3 full, 1 quick/100k)")
     parser.add_argument("--servers", default="", help="comma list of gateway,socketio (default: both; 100k: gateway)")
@@ -531,8 +775,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--hold-seconds", type=float, default=300.0, help="--hold-100k: seconds to hold")
     parser.add_argument("--connections", type=int, default=100_000, help="--hold-100k: connections")
     parser.add_argument("--processes", type=int, default=6, help="--hold-100k: PROCESSES of the server")
+    parser.add_argument("--only", default="", metavar="NAMES",
+                        help="comma list of scenarios to run, by name or last word (recording: quick-recording or "
+                             "20k-recording); the results go to a section of their own, `<mode>-<names>`, so the "
+                             "mode's full section is kept")
+    parser.add_argument("--redis", default="", metavar="URL",
+                        help="use this Redis instead of starting one (its CPU is then not measured)")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of editing the doc")
     return parser.parse_args(argv)
+
+
+def select(scenarios: list[Scenario], only: str) -> list[Scenario]:
+    names = [n for n in only.split(",") if n]
+    if not names:
+        return scenarios
+    chosen = [s for s in scenarios if any(s.name == n or s.name.endswith("-" + n) for n in names)]
+    if not chosen:
+        raise SystemExit(f"bench.py: --only {only} matches none of {', '.join(s.name for s in scenarios)}")
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -551,13 +811,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         scenarios = hold_100k_scenarios(servers, args.hold_seconds, args.connections, args.processes)
     else:
         mode, scenarios, repeats = "full", full_scenarios(servers), args.repeats or 3
+    scenarios = select(scenarios, args.only)
+    if args.only:
+        mode = "-".join([mode, *(n for n in args.only.split(",") if n)])
+    bench_redis = BenchRedis(args.redis) if args.redis else start_redis()
     before = calibrate()
     try:
-        outcomes = run_all(scenarios, repeats, labels)
+        outcomes = run_all(scenarios, repeats, labels, bench_redis)
+        text = section(mode, outcomes, repeats, argv, (before, calibrate()), bench_redis)
     finally:
+        stop_redis(bench_redis)
         if args.baseline:
             remove_baseline()
-    text = section(mode, outcomes, repeats, argv, (before, calibrate()))
     if args.no_write:
         print(text)
     else:

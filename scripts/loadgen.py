@@ -14,8 +14,15 @@ Why it looks like this:
   reader can tell when the generator, not the gateway, is the limit.
 
 Phases of one run: connect (paced), hold (idle, heartbeats answered), then optional fan-out
-steps (Redis PUBLISH or HTTP POST /broadcast) and upstream steps (location_update to the events
-channel), then a final count of who is still connected. Everything is bounded by time.
+steps (Redis PUBLISH, FCALL <prefix>_publish or HTTP POST /broadcast) and upstream steps
+(location_update to the events channel), then a final count of who is still connected. Everything
+is bounded by time. Fan-out steps of different paths alternate rate by rate (publish 1000, fcall
+1000, publish 4000, ...), so paths compared with each other run seconds apart on a noisy machine.
+
+The fan-out message type is `driver_location` by default: a latest-value type that the gateway
+never records, whatever the path. `--message-type ride_status` sends a recorded type instead, so
+that `fcall` and `http` measure recording (PROTOCOL.md 7.1) while `publish` stays live-only; each
+step reports how many deliveries carried the envelope `seq` that only recorded messages have.
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ import psutil
 import ujson
 
 Flavor = Literal["gateway", "socketio"]
-Via = Literal["publish", "http"]
+Via = Literal["publish", "fcall", "http"]
+MessageType = Literal["driver_location", "ride_status"]
 
 MAX_SOCKETS_PER_WORKER = 15_000
 SOCKETS_PER_SOURCE_ADDRESS = 5_000
@@ -59,6 +67,15 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linu
 # Worker counters live in one shared array, one row per worker, so progress costs no messages.
 C_OPEN, C_OPENED, C_FAILED, C_CLOSED, C_HEARTBEATS, C_MESSAGES, C_UPSTREAM, C_PENDING = range(8)
 N_COUNTERS = 8
+
+# What the fan-out sends, by --message-type: the payload fields the gateway requires of that type
+# (PROTOCOL.md section 5). driver_location is never recorded; ride_status is recorded by FCALL and
+# POST /broadcast (7.1). The client counts deliveries of either.
+REQUIRED_FIELDS: dict[str, bytes] = {
+    "driver_location": b'"driverId":"d","latitude":1.5,"longitude":2.5',
+    "ride_status": b'"rideId":"r","status":"driver_arriving"',
+}
+SERVICE_TYPES = frozenset(REQUIRED_FIELDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,6 +91,7 @@ class Target:
     prefix: str
     redis_host: str
     redis_port: int
+    message_type: MessageType = "driver_location"
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,12 @@ class LoadConfig:
     source_ips: tuple[str, ...]
     json_out: str | None = None
     quiet: bool = False
+    http_rates: list[int] | None = None  # POST /broadcast rates when they differ from fanout_rates
+    redis_pid: int | None = None  # a Redis we may measure (its CPU per message), e.g. one bench.py started
+
+    def rates_for(self, via: Via) -> list[int]:
+        """HTTP costs the server ~10x a PUBLISH, so its steps may use their own, lower rates."""
+        return self.http_rates if via == "http" and self.http_rates is not None else self.fanout_rates
 
 
 class ConnectReport(TypedDict):
@@ -140,7 +164,9 @@ class StepReport(TypedDict):
     sent: int
     accepted: int
     no_receiver: int
+    errors: int  # refused by the server (HTTP status >= 300, a Redis error reply to FCALL)
     delivered: int
+    sequenced: int  # deliveries whose envelope carried `seq`: the message was recorded
     lost: int
     delivered_per_s: float
     p50_ms: float
@@ -149,6 +175,9 @@ class StepReport(TypedDict):
     gateway_cpu_s: float
     gateway_us_per_msg: float
     gateway_cpu_pct: float
+    redis_cpu_s: float  # 0 unless the run was given --redis-pid
+    redis_us_per_msg: float
+    redis_cpu_pct: float
     loadgen_cpu_pct: float
     driver_cpu_pct: float
 
@@ -198,6 +227,7 @@ class Stats:
         self.counters = [0] * N_COUNTERS
         self.close_codes: dict[str, int] = {}
         self.latencies: dict[str, list[int]] = {}
+        self.sequenced: dict[str, int] = {}
 
     def record_error(self, name: str) -> None:
         self.close_codes[f"connect:{name}"] = self.close_codes.get(f"connect:{name}", 0) + 1
@@ -206,12 +236,18 @@ class Stats:
         key = str(code) if code is not None else "none"
         self.close_codes[key] = self.close_codes.get(key, 0) + 1
 
-    def record_message(self, payload: dict[str, Any]) -> None:
+    def record_message(self, payload: dict[str, Any], sequenced: bool = False) -> None:
         self.counters[C_MESSAGES] += 1
         tag = payload.get("phase")
         sent = payload.get("sentAt")
         if isinstance(tag, str) and isinstance(sent, int):
             self.latencies.setdefault(tag, []).append(now_us() - sent)
+            if sequenced:
+                self.sequenced[tag] = self.sequenced.get(tag, 0) + 1
+
+    def take(self, tag: str) -> tuple[list[int], int]:
+        """A finished step's latencies and how many of its deliveries were recorded (carried `seq`)."""
+        return self.latencies.pop(tag, []), self.sequenced.pop(tag, 0)
 
 
 class WsClient(asyncio.Protocol):
@@ -293,8 +329,8 @@ class WsClient(asyncio.Protocol):
             self.stats.counters[C_HEARTBEATS] += 1
             stamp = message.get("payload", {}).get("timestamp", 0)
             self.send(b'{"type":"heartbeat_ack","payload":{"timestamp":%d}}' % stamp)
-        elif kind == "driver_location":
-            self.stats.record_message(message["payload"])
+        elif kind in SERVICE_TYPES:
+            self.stats.record_message(message["payload"], "seq" in message)
         elif kind == "connected":
             self._opened()
 
@@ -304,7 +340,7 @@ class WsClient(asyncio.Protocol):
             self.send(b"3")
         elif payload.startswith(b"42"):
             event = ujson.loads(payload[2:])
-            if event and event[0] == "driver_location":
+            if event and event[0] in SERVICE_TYPES:
                 self.stats.record_message(event[1])
         elif payload.startswith(b"0{"):
             self.send(b"40")  # Engine.IO open -> Socket.IO connect to the default namespace
@@ -438,8 +474,7 @@ class Worker:
             sent = await self.upstream(float(command[1]), float(command[2]), str(command[3]))
             self.pipe.send(("upstream_done", sent))
         elif name == "latencies":
-            tag = str(command[1])
-            self.pipe.send(("latencies", self.stats.latencies.pop(tag, [])))
+            self.pipe.send(("latencies", self.stats.take(str(command[1]))))
         elif name == "open_count":
             self.pipe.send(("open_count", sum(1 for c in self.clients if c.state == 2)))
 
@@ -559,27 +594,34 @@ def raise_file_limit() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# publisher process: Redis PUBLISH (raw RESP, pipelined) or HTTP POST /broadcast (keep-alive)
+# publisher process: Redis PUBLISH or FCALL (raw RESP, pipelined) or HTTP POST /broadcast (keep-alive)
 # --------------------------------------------------------------------------------------------
 
 class RespCounter(asyncio.Protocol):
-    """Counts integer replies to PUBLISH; `:0` means nobody was subscribed (a message nobody can get)."""
+    """Counts replies to PUBLISH or FCALL. `:0` to a PUBLISH means nobody was subscribed (a message
+    nobody can get). Error replies (a refused FCALL, a function that is not loaded) are counted and
+    the first one kept, so a step that recorded nothing says why instead of reporting 100% loss."""
 
     def __init__(self) -> None:
+        self.reader = hiredis.Reader()
         self.replies = 0
         self.zero = 0
+        self.errors = 0
+        self.first_error = ""
         self.transport: asyncio.Transport | None = None
-        self.tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        data = self.tail + data
-        cut = data.rfind(b"\r\n") + 2
-        complete, self.tail = data[:cut], data[cut:]
-        self.replies += complete.count(b"\r\n")
-        self.zero += complete.count(b":0\r\n")
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            self.replies += 1
+            if isinstance(reply, hiredis.ReplyError):
+                self.errors += 1
+                self.first_error = self.first_error or str(reply)
+            elif reply == 0:
+                self.zero += 1
 
 
 def resp_command(*parts: bytes) -> bytes:
@@ -598,6 +640,7 @@ class HttpConn(asyncio.Protocol):
         self.buf = b""
         self.ok = 0
         self.errors = 0
+        self.first_error = ""
         self.no_receiver = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -621,6 +664,8 @@ class HttpConn(asyncio.Protocol):
                 self.no_receiver += 1
         else:
             self.errors += 1
+            self.first_error = self.first_error or (head.split(b"\r\n", 1)[0] + b" " + body[:200]).decode(
+                errors="replace")
         self.on_idle(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -633,6 +678,13 @@ class PublishResult:
     accepted: int = 0
     no_receiver: int = 0
     errors: int = 0
+    first_error: str = ""
+
+
+def publish_function(prefix: str) -> str:
+    """`<prefix>_publish` as the gateway registers it (redis_keys.Keys.function): Redis function names
+    take only letters, digits and `_`, so every other character of the prefix becomes `_`."""
+    return "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in prefix) + "_publish"
 
 
 class Publisher:
@@ -641,23 +693,38 @@ class Publisher:
     def __init__(self, target: Target, users: list[str]) -> None:
         self.target = target
         self.users = users
+        self.kind = target.message_type.encode()
+        self.required = REQUIRED_FIELDS[target.message_type]
+        self.function = publish_function(target.prefix).encode()
 
-    def body(self, tag: str, seq: int) -> bytes:
-        return (b'{"driverId":"d","latitude":1.5,"longitude":2.5,"sentAt":%d,"seq":%d,"phase":"%s"}'
-                % (now_us(), seq, tag.encode()))
+    def body(self, tag: str, n: int) -> bytes:
+        """The payload: the type's required fields, then send time (latency) and step tag (which step)."""
+        return b'{%s,"sentAt":%d,"n":%d,"phase":"%s"}' % (self.required, now_us(), n, tag.encode())
+
+    def envelope(self, payload: bytes) -> bytes:
+        """The message JSON a service sends, as PUBLISH, FCALL and POST /broadcast all take it."""
+        return b'{"type":"' + self.kind + b'","payload":' + payload + b"}"
 
     def redis_message(self, uid: str, payload: bytes) -> tuple[bytes, bytes]:
         """(channel, message) a service would publish for this flavor."""
         prefix = self.target.prefix
         if self.target.flavor == "gateway":
-            return f"{prefix}:user:{uid}".encode(), b'{"type":"driver_location","payload":' + payload + b"}"
+            return f"{prefix}:user:{uid}".encode(), self.envelope(payload)
         # python-socketio's AsyncRedisManager format (JSON on one channel; every server process reads all)
-        message = (b'{"method":"emit","event":"driver_location","data":[' + payload + b'],"binary":false,'
+        message = (b'{"method":"emit","event":"' + self.kind + b'","data":[' + payload + b'],"binary":false,'
                    b'"namespace":"/","room":"' + uid.encode() + b'","skip_sid":null,"callback":null,'
                    b'"host_id":"loadgen"}')
         return f"{prefix}:socketio".encode(), message
 
-    async def publish(self, rate: float, seconds: float, tag: str) -> PublishResult:
+    def redis_command(self, via: Via, uid: str, payload: bytes) -> bytes:
+        """Live-only PUBLISH, or the recording `FCALL <prefix>_publish 1 <userId> <message>` (7.1)."""
+        if via == "fcall":
+            return resp_command(b"FCALL", self.function, b"1", uid.encode(), self.envelope(payload))
+        channel, message = self.redis_message(uid, payload)
+        return resp_command(b"PUBLISH", channel, message)
+
+    async def publish(self, rate: float, seconds: float, tag: str, via: Via = "publish") -> PublishResult:
+        """Pipelined PUBLISH or FCALL on one Redis connection, written every 2 ms."""
         loop = asyncio.get_running_loop()
         _, proto = await loop.create_connection(RespCounter, self.target.redis_host, self.target.redis_port)
         assert proto.transport is not None
@@ -669,8 +736,7 @@ class Publisher:
             if due > 0:
                 batch = []
                 for _ in range(due):
-                    channel, message = self.redis_message(random.choice(self.users), self.body(tag, result.sent))
-                    batch.append(resp_command(b"PUBLISH", channel, message))
+                    batch.append(self.redis_command(via, random.choice(self.users), self.body(tag, result.sent)))
                     result.sent += 1
                 proto.transport.write(b"".join(batch))
             await asyncio.sleep(0.002)
@@ -678,8 +744,9 @@ class Publisher:
             if proto.replies >= result.sent:
                 break
             await asyncio.sleep(0.01)
-        result.accepted = proto.replies
-        result.no_receiver = proto.zero
+        result.accepted = proto.replies - proto.errors
+        result.no_receiver = proto.zero if via == "publish" else 0  # FCALL's 0 means "not recorded"
+        result.errors, result.first_error = proto.errors, proto.first_error
         proto.transport.close()
         return result
 
@@ -701,7 +768,7 @@ class Publisher:
             while due > 0 and idle:
                 conn = idle.pop()
                 uid = random.choice(self.users).encode()
-                body = b'{"type":"driver_location","payload":' + self.body(tag, result.sent) + b"}"
+                body = self.envelope(self.body(tag, result.sent))
                 if conn.transport is None:
                     continue
                 conn.transport.write(b"POST /broadcast/user/%s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json"
@@ -715,6 +782,7 @@ class Publisher:
             await asyncio.sleep(0.01)
         result.accepted = sum(c.ok for c in conns)
         result.errors = sum(c.errors for c in conns)
+        result.first_error = next((c.first_error for c in conns if c.first_error), "")
         result.no_receiver = sum(c.no_receiver for c in conns)
         for conn in conns:
             if conn.transport is not None:
@@ -732,8 +800,10 @@ def publisher_main(target: Target, pipe: Pipe) -> None:
         if command[0] == "stop":
             return
         via, rate, seconds, tag = command[1:]
-        run = publisher.publish if via == "publish" else publisher.broadcast
-        result = asyncio.run(run(float(rate), float(seconds), str(tag)))
+        if via == "http":
+            result = asyncio.run(publisher.broadcast(float(rate), float(seconds), str(tag)))
+        else:
+            result = asyncio.run(publisher.publish(float(rate), float(seconds), str(tag), via))
         pipe.send(result)
 
 
@@ -849,10 +919,38 @@ class CpuWindow:
         return self.group.cpu_s() - self.cpu0, time.monotonic() - self.t0
 
 
-def stop_windows(windows: tuple[CpuWindow, CpuWindow, CpuWindow]) -> tuple[float, float, float, float]:
-    """(server, loadgen, driver) CPU seconds and the wall seconds of the server's window."""
-    (gw_cpu, wall), (lg_cpu, _), (dr_cpu, _) = (w.stop() for w in windows)
-    return gw_cpu, lg_cpu, dr_cpu, wall
+@dataclass(frozen=True)
+class StepCpu:
+    """CPU seconds over one step window, by who spent them, and the window's wall seconds."""
+
+    server: float
+    loadgen: float
+    driver: float
+    redis: float
+    wall: float
+
+
+@dataclass(frozen=True)
+class StepWindows:
+    """Windows opened together at the start of a step, so every figure covers the same seconds."""
+
+    server: CpuWindow
+    loadgen: CpuWindow
+    driver: CpuWindow
+    redis: CpuWindow
+
+    def stop(self) -> StepCpu:
+        server, wall = self.server.stop()
+        return StepCpu(server, self.loadgen.stop()[0], self.driver.stop()[0], self.redis.stop()[0], wall)
+
+
+@dataclass(frozen=True)
+class Deliveries:
+    """What the clients received in one step: latency samples (one per delivery), and how many of
+    those deliveries carried an envelope `seq`, i.e. were recorded."""
+
+    latencies: list[int]
+    sequenced: int = 0
 
 
 def percentile(sorted_values: list[int], fraction: float) -> float:
@@ -874,6 +972,14 @@ def latency_summary(values: list[int]) -> tuple[float, float, float]:
 # coordinator
 # --------------------------------------------------------------------------------------------
 
+def fanout_order(config: LoadConfig) -> list[tuple[Via, int]]:
+    """Steps rate by rate, every path at one rate before the next rate (publish 1000, fcall 1000,
+    publish 4000, ...): paths that are compared run seconds apart, not a whole sweep apart, so a
+    machine that gets busier during the run shifts both sides of a ratio alike."""
+    rates = sorted({rate for via in config.fanout_via for rate in config.rates_for(via)})
+    return [(via, rate) for rate in rates for via in config.fanout_via if rate in config.rates_for(via)]
+
+
 @dataclass
 class Helpers:
     worker_pipes: list[Pipe] = field(default_factory=list)
@@ -891,6 +997,7 @@ class Coordinator:
         self.counters: SynchronizedArray[int] = self.ctx.Array("q", config.workers * N_COUNTERS, lock=False)
         self.helpers = Helpers()
         self.server = ProcessGroup([config.server_pid] if config.server_pid else [], include_children=True)
+        self.redis = ProcessGroup([config.redis_pid] if config.redis_pid else [], include_children=False)
         self.steps: list[StepReport] = []
         self.close_codes: dict[str, int] = {}
         self.connected_users: list[str] = []
@@ -1019,9 +1126,10 @@ class Coordinator:
                 "rss_baseline_mb": round(rss_baseline / 2**20, 1), "rss_mb": round(rss / 2**20, 1),
                 "rss_per_conn_kb": round((rss - rss_baseline) / 1024 / connected, 2) if connected else 0.0}
 
-    def step_windows(self) -> tuple[CpuWindow, CpuWindow, CpuWindow]:
-        """CPU of the server, the load generator and the driver (publisher or collector) over a step."""
-        return CpuWindow(self.server), CpuWindow(self.loadgen_group()), CpuWindow(self.driver_group())
+    def step_windows(self) -> StepWindows:
+        """CPU of the server, the load generator, the driver (publisher or collector) and Redis over a step."""
+        return StepWindows(CpuWindow(self.server), CpuWindow(self.loadgen_group()), CpuWindow(self.driver_group()),
+                           CpuWindow(self.redis))
 
     def fanout_step(self, via: Via, rate: int) -> StepReport:
         config = self.config
@@ -1033,9 +1141,12 @@ class Coordinator:
             raise RuntimeError("publisher did not finish its step")
         result: PublishResult = self.helpers.publisher_pipe.recv()
         time.sleep(DRAIN_GRACE_S)
-        cpu = stop_windows(windows)
-        latencies = [v for reply in self.ask_workers(("latencies", tag), 30) for v in reply]
-        return self.step_report(via, rate, result.sent, result.accepted, result.no_receiver, latencies, cpu)
+        cpu = windows.stop()
+        if result.first_error:
+            self.log(f"[{via} {rate}/s] {result.errors} refused, the first: {result.first_error}")
+        replies: list[tuple[list[int], int]] = self.ask_workers(("latencies", tag), 30)
+        deliveries = Deliveries([v for latencies, _ in replies for v in latencies], sum(n for _, n in replies))
+        return self.step_report(via, rate, result, deliveries, cpu)
 
     def upstream_step(self, rate: int) -> StepReport:
         config = self.config
@@ -1044,25 +1155,32 @@ class Coordinator:
         windows = self.step_windows()
         sent = sum(self.ask_workers(("upstream", rate / config.workers, config.step_s, tag), config.step_s + 30))
         time.sleep(DRAIN_GRACE_S)
-        cpu = stop_windows(windows)
+        cpu = windows.stop()
         self.helpers.collector_pipe.send(("latencies", tag))
         latencies: list[int] = self.helpers.collector_pipe.recv()
-        return self.step_report("upstream", rate, sent, sent, 0, latencies, cpu)
+        return self.step_report("upstream", rate, PublishResult(sent, sent), Deliveries(latencies), cpu)
 
-    def step_report(self, kind: str, rate: int, sent: int, accepted: int, no_receiver: int, latencies: list[int],
-                    cpu: tuple[float, float, float, float]) -> StepReport:
-        gw_cpu, lg_cpu, dr_cpu, wall = cpu
-        p50, p99, worst = latency_summary(latencies)
-        delivered = len(latencies)
+    def step_report(self, kind: str, rate: int, result: PublishResult, deliveries: Deliveries,
+                    cpu: StepCpu) -> StepReport:
+        p50, p99, worst = latency_summary(deliveries.latencies)
+        delivered = len(deliveries.latencies)
         seconds = self.config.step_s
+
+        def per_msg(cpu_s: float) -> float:
+            return round(1e6 * cpu_s / delivered, 1) if delivered else 0.0
+
+        def pct(cpu_s: float) -> float:
+            return round(100 * cpu_s / cpu.wall, 1)
+
         report: StepReport = {
-            "kind": kind, "target_rate": rate, "seconds": seconds, "sent": sent, "accepted": accepted,
-            "no_receiver": no_receiver, "delivered": delivered, "lost": max(0, sent - delivered),
+            "kind": kind, "target_rate": rate, "seconds": seconds, "sent": result.sent, "accepted": result.accepted,
+            "no_receiver": result.no_receiver, "errors": result.errors, "delivered": delivered,
+            "sequenced": deliveries.sequenced, "lost": max(0, result.sent - delivered),
             "delivered_per_s": round(delivered / seconds, 1), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
-            "max_ms": round(worst, 2), "gateway_cpu_s": round(gw_cpu, 3),
-            "gateway_us_per_msg": round(1e6 * gw_cpu / delivered, 1) if delivered else 0.0,
-            "gateway_cpu_pct": round(100 * gw_cpu / wall, 1), "loadgen_cpu_pct": round(100 * lg_cpu / wall, 1),
-            "driver_cpu_pct": round(100 * dr_cpu / wall, 1)}
+            "max_ms": round(worst, 2), "gateway_cpu_s": round(cpu.server, 3),
+            "gateway_us_per_msg": per_msg(cpu.server), "gateway_cpu_pct": pct(cpu.server),
+            "redis_cpu_s": round(cpu.redis, 3), "redis_us_per_msg": per_msg(cpu.redis),
+            "redis_cpu_pct": pct(cpu.redis), "loadgen_cpu_pct": pct(cpu.loadgen), "driver_cpu_pct": pct(cpu.driver)}
         self.log(format_step(report))
         return report
 
@@ -1077,11 +1195,11 @@ class Coordinator:
             self.log(format_connect(connect))
             hold = self.hold_phase(rss_baseline)
             self.log(format_hold(hold))
-            if config.fanout_rates and config.fanout_via:
+            fanout = fanout_order(config)
+            if fanout:
                 self.start_publisher()
-                for via in config.fanout_via:
-                    for rate in config.fanout_rates:
-                        self.steps.append(self.fanout_step(via, rate))
+                for via, rate in fanout:
+                    self.steps.append(self.fanout_step(via, rate))
             if config.upstream_rates:
                 self.start_collector()
                 for rate in config.upstream_rates:
@@ -1135,9 +1253,11 @@ def format_hold(h: HoldReport) -> str:
 
 
 def format_step(s: StepReport) -> str:
-    return (f"[{s['kind']} {s['target_rate']}/s] sent {s['sent']} delivered {s['delivered']} lost {s['lost']} "
+    return (f"[{s['kind']} {s['target_rate']}/s] sent {s['sent']} delivered {s['delivered']} "
+            f"(with seq {s['sequenced']}) lost {s['lost']} refused {s['errors']} "
             f"({s['delivered_per_s']}/s) p50 {s['p50_ms']} p99 {s['p99_ms']} max {s['max_ms']} ms; "
             f"gateway {s['gateway_us_per_msg']} us/msg ({s['gateway_cpu_pct']}% CPU), "
+            f"Redis {s['redis_us_per_msg']} us/msg ({s['redis_cpu_pct']}% CPU), "
             f"loadgen {s['loadgen_cpu_pct']}%, publisher+collector {s['driver_cpu_pct']}%")
 
 
@@ -1158,15 +1278,15 @@ def format_table(report: RunReport) -> str:
         f"| still connected at the end | {report['final_connected']} |",
         f"| closes by the server | {report['close_codes'] or 'none'} |",
         "",
-        "| step | target/s | sent | delivered | lost | delivered/s | p50 ms | p99 ms | max ms | server us/msg "
-        "| server CPU% | loadgen CPU% | publisher CPU% |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| step | target/s | sent | delivered | with seq | lost | delivered/s | p50 ms | p99 ms | max ms "
+        "| server us/msg | server CPU% | Redis us/msg | loadgen CPU% | publisher CPU% |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in report["steps"]:
-        lines.append(f"| {s['kind']} | {s['target_rate']} | {s['sent']} | {s['delivered']} | {s['lost']} | "
-                     f"{s['delivered_per_s']} | {s['p50_ms']} | {s['p99_ms']} | {s['max_ms']} | "
-                     f"{s['gateway_us_per_msg']} | {s['gateway_cpu_pct']} | {s['loadgen_cpu_pct']} | "
-                     f"{s['driver_cpu_pct']} |")
+        lines.append(f"| {s['kind']} | {s['target_rate']} | {s['sent']} | {s['delivered']} | {s['sequenced']} | "
+                     f"{s['lost']} | {s['delivered_per_s']} | {s['p50_ms']} | {s['p99_ms']} | {s['max_ms']} | "
+                     f"{s['gateway_us_per_msg']} | {s['gateway_cpu_pct']} | {s['redis_us_per_msg']} | "
+                     f"{s['loadgen_cpu_pct']} | {s['driver_cpu_pct']} |")
     return "\n".join(lines)
 
 
@@ -1199,6 +1319,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="the server's REDIS_PREFIX ($REDIS_PREFIX)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis for PUBLISH and the events channel")
     parser.add_argument("--server-pid", type=int, help="server pid; its children are included in CPU/RSS figures")
+    parser.add_argument("--redis-pid", type=int,
+                        help="pid of the Redis at --redis, to report its CPU per message (a Redis you started)")
     parser.add_argument("-c", "--connections", type=int, default=2000, help="WebSocket clients (one user each)")
     parser.add_argument("--connect-rate", type=float, default=2000.0, help="new connections per second, in total")
     parser.add_argument("--concurrency", type=int, default=1000, help="handshakes in flight, in total")
@@ -1211,9 +1333,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connect-timeout", type=float, default=0.0,
                         help="seconds allowed for the connect phase beyond C/rate (0: 30 + 20%% of C/rate)")
     parser.add_argument("--hold", type=float, default=10.0, help="seconds to hold idle (CPU/RSS/heartbeats)")
-    parser.add_argument("--fanout", default="", help="comma list of publish,http: fan-out paths to run")
+    parser.add_argument("--fanout", default="",
+                        help="comma list of publish,fcall,http: fan-out paths to run (Redis PUBLISH, live-only; "
+                             "FCALL <prefix>_publish, recording; POST /broadcast/user/{id})")
     parser.add_argument("--rates", type=int_list, default=[1000, 2000, 4000, 8000],
                         help="fan-out rates (messages/s), one step each")
+    parser.add_argument("--http-rates", type=int_list, default=None,
+                        help="rates of the http path, when they should differ from --rates")
+    parser.add_argument("--message-type", choices=sorted(REQUIRED_FIELDS), default="driver_location",
+                        help="fan-out message type: driver_location is never recorded; ride_status is recorded "
+                             "by fcall and http (PROTOCOL.md 7.1)")
     parser.add_argument("--step", type=float, default=10.0, help="seconds per fan-out/upstream step")
     parser.add_argument("--upstream", type=int_list, default=[], help="upstream total rates (updates/s), one step each")
     parser.add_argument("--run-id", default="", help="user id prefix (default: random)")
@@ -1228,7 +1357,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     if not args.secret:
         raise SystemExit("loadgen.py: --secret (or JWT_SECRET) is required")
     target = Target(parts.hostname or "127.0.0.1", parts.port or 80, args.flavor, args.secret, args.prefix,
-                    redis_parts.hostname or "127.0.0.1", redis_parts.port or 6379)
+                    redis_parts.hostname or "127.0.0.1", redis_parts.port or 6379, args.message_type)
     workers = args.workers or max(1, math.ceil(args.connections / MAX_SOCKETS_PER_WORKER))
     if math.ceil(args.connections / workers) > MAX_SOCKETS_PER_WORKER:
         raise SystemExit(f"loadgen.py: more than {MAX_SOCKETS_PER_WORKER} sockets per worker; raise --workers")
@@ -1237,14 +1366,16 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     timeout = args.connect_timeout or 30.0 + 0.2 * args.connections / args.connect_rate
     fanout = [v.strip() for v in args.fanout.split(",") if v.strip()]
     for via in fanout:
-        if via not in ("publish", "http"):
+        if via not in ("publish", "fcall", "http"):
             raise SystemExit(f"loadgen.py: unknown fan-out path {via!r}")
+    if "fcall" in fanout and args.flavor != "gateway":
+        raise SystemExit("loadgen.py: fcall is the gateway's recording function; python-socketio has none")
     return LoadConfig(target=target, connections=args.connections, connect_rate=args.connect_rate, workers=workers,
                       hold_s=args.hold, fanout_via=cast(list[Via], fanout), fanout_rates=args.rates,
                       step_s=args.step, upstream_rates=args.upstream, server_pid=args.server_pid,
                       run_id=args.run_id or f"lg{random.randrange(16**6):06x}",
                       connect_timeout_s=timeout, concurrency=args.concurrency, source_ips=source_addresses(ips, base),
-                      json_out=args.json, quiet=args.quiet)
+                      json_out=args.json, quiet=args.quiet, http_rates=args.http_rates, redis_pid=args.redis_pid)
 
 
 def run(config: LoadConfig) -> RunReport:
