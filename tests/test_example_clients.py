@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -130,6 +131,29 @@ def pushed(lines: list[str], kind: str) -> list[dict[str, Any]]:
     return [json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith(f"{kind} ")]
 
 
+@contextlib.asynccontextmanager
+async def example_behind_proxy(language: str, gateway: GatewayProcess, user: str,
+                               seconds: float) -> AsyncIterator[tuple[ExampleClient, DelayingProxy]]:
+    """The example client connected through a proxy that the test can cut; stopped afterwards."""
+    proxy = await DelayingProxy("127.0.0.1", gateway.port).start()
+    client = await ExampleClient.start(language, f"ws://127.0.0.1:{proxy.port}", make_token(user, "driver"), seconds)
+    try:
+        await client.line("connected", timeout=10)
+        yield client, proxy
+    finally:
+        await client.stop()
+        await proxy.stop()
+
+
+async def first_offer_receipted(gateway: GatewayProcess, client: ExampleClient, redis_client: redis.Redis,
+                                prefix: str, user: str) -> list[str]:
+    """One live ride_request, its receipt already in Redis (one still in flight would be cut off)."""
+    ids = [await offer(gateway, user, 1, devices=1)]
+    await client.line("receipt")
+    await receipts_answered(redis_client, prefix, user, ids)
+    return ids
+
+
 async def receipts_answered(redis_client: redis.Redis, prefix: str, user: str, ids: list[str]) -> None:
     """The user's receipts on the gateway's receipt stream are exactly `ids`, in order."""
     def receipts() -> list[str]:
@@ -142,14 +166,9 @@ async def receipts_answered(redis_client: redis.Redis, prefix: str, user: str, i
 async def test_example_client_resumes_after_its_connection_is_cut(  # type: ignore[no-untyped-def]
         language: str, make_gateway, redis_client: redis.Redis, prefix: str) -> None:
     gateway = make_gateway({"HEARTBEAT_INTERVAL": "1", "HEARTBEAT_TIMEOUT": "3"})
-    proxy = await DelayingProxy("127.0.0.1", gateway.port).start()
     user = unique("driver")
-    client = await ExampleClient.start(language, f"ws://127.0.0.1:{proxy.port}", make_token(user, "driver"), 6)
-    try:
-        await client.line("connected", timeout=10)
-        ids = [await offer(gateway, user, 1, devices=1)]
-        await client.line("receipt")
-        await receipts_answered(redis_client, prefix, user, ids)  # a receipt still in flight would be cut off
+    async with example_behind_proxy(language, gateway, user, 6) as (client, proxy):
+        ids = await first_offer_receipted(gateway, client, redis_client, prefix, user)
         await cut(proxy, client, gateway)
         ids += [await offer(gateway, user, n, devices=0) for n in (2, 3, 4)]  # recorded while it is away
         proxy.refusing = False
@@ -158,9 +177,6 @@ async def test_example_client_resumes_after_its_connection_is_cut(  # type: igno
             await client.line("ride_request")
         ids.append(await offer(gateway, user, 5, devices=1))  # live again
         lines = await client.finish(timeout=10)
-    finally:
-        await client.stop()
-        await proxy.stop()
     output = "\n".join(lines)
     assert [p["requestId"] for p in pushed(lines, "ride_request")] == ["r1", "r2", "r3", "r4", "r5"], output
     assert [line.split()[1] for line in lines if line.startswith("receipt ")] == ids, output
@@ -174,14 +190,9 @@ async def test_example_client_resumes_after_its_connection_is_cut(  # type: igno
 async def test_example_client_rereads_state_when_the_gap_is_gone_then_resumes_from_there(  # type: ignore[no-untyped-def]
         language: str, make_gateway, redis_client: redis.Redis, prefix: str) -> None:
     gateway = make_gateway({"HEARTBEAT_INTERVAL": "1", "HEARTBEAT_TIMEOUT": "3", "HISTORY_SIZE": "2"})
-    proxy = await DelayingProxy("127.0.0.1", gateway.port).start()
     user = unique("driver")
-    client = await ExampleClient.start(language, f"ws://127.0.0.1:{proxy.port}", make_token(user, "driver"), 60)
-    try:
-        await client.line("connected", timeout=10)
-        ids = [await offer(gateway, user, 1, devices=1)]
-        await client.line("receipt")
-        await receipts_answered(redis_client, prefix, user, ids)  # a receipt still in flight would be cut off
+    async with example_behind_proxy(language, gateway, user, 60) as (client, proxy):
+        ids = await first_offer_receipted(gateway, client, redis_client, prefix, user)
         await cut(proxy, client, gateway)
         for n in (2, 3, 4):  # seq 2 falls out of a history of 2: the client cannot resume from seq 1
             await offer(gateway, user, n, devices=0)
@@ -197,9 +208,7 @@ async def test_example_client_rereads_state_when_the_gap_is_gone_then_resumes_fr
         assert await client.line("recovered", timeout=10) == "recovered true"
         await client.line("receipt")
         await asyncio.sleep(0.5)  # time for anything sent twice
-    finally:
         lines = await client.stop()
-        await proxy.stop()
     output = "\n".join(lines)
     assert [p["requestId"] for p in pushed(lines, "ride_request")] == ["r1", "r5", "r6"], output
     assert [line.split()[1] for line in lines if line.startswith("receipt ")] == ids, output
