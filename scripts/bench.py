@@ -37,7 +37,6 @@ import datetime
 import json
 import os
 import platform
-import random
 import re
 import shutil
 import signal
@@ -60,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.loadgen import RunReport, StepReport, publish_function  # noqa: E402 - needs ROOT on sys.path when run as a file
+from scripts.loadgen import RunReport, StepReport, free_port, publish_function, stop_process  # noqa: E402 - needs ROOT on sys.path when run as a file
 
 Server = Literal["gateway", "socketio", "baseline"]
 SECRET = "bench-secret-0123456789abcdef-0123456789abcdef"
@@ -69,7 +68,6 @@ LATENCY_RULE_MS = 50.0
 BASELINE_DIR = Path(tempfile.gettempdir()) / "tornado-gateway-bench-baseline"
 # Listening ports come from below the kernel's ephemeral range (32768-60999 here), so that no
 # outgoing connection of the load generator can hold the port a server is about to bind.
-SERVER_PORTS = range(20000, 32000)
 RECORDING_CPU_BUDGET = 1.5  # the issue: each recorded path within 1.5x the CPU of its unrecorded counterpart
 RECORDED_TYPE = "ride_status"
 
@@ -146,18 +144,6 @@ def hold_100k_scenarios(servers: tuple[Server, ...], seconds: float, connections
 # servers
 # --------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    """A port below the ephemeral range that nothing is bound to right now."""
-    for port in random.sample(SERVER_PORTS, 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {SERVER_PORTS}")
-
-
 @dataclass
 class BenchRedis:
     """The Redis every server and load generator of one bench run talks to: by default one the
@@ -202,13 +188,7 @@ def stop_redis(own: BenchRedis) -> None:
     """Stop the Redis this bench started (only that pid); an existing Redis is left alone."""
     if own.proc is None:
         return
-    if own.proc.poll() is None:
-        own.proc.terminate()
-        try:
-            own.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            own.proc.kill()
-            own.proc.wait(5)
+    stop_process(own.proc, 15)
     if own.workdir is not None:
         shutil.rmtree(own.workdir, ignore_errors=True)
 

@@ -36,8 +36,10 @@ import math
 import multiprocessing
 import os
 import random
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -597,15 +599,12 @@ def raise_file_limit() -> None:
 # publisher process: Redis PUBLISH or FCALL (raw RESP, pipelined) or HTTP POST /broadcast (keep-alive)
 # --------------------------------------------------------------------------------------------
 
-class RespCounter(asyncio.Protocol):
-    """Counts replies to PUBLISH or FCALL. `:0` to a PUBLISH means nobody was subscribed (a message
-    nobody can get). Error replies (a refused FCALL, a function that is not loaded) are counted and
-    the first one kept, so a step that recorded nothing says why instead of reporting 100% loss."""
+class RespReplies(asyncio.Protocol):
+    """A pipelined Redis connection whose replies (in command order) go to `on_reply`; error replies
+    are counted and the first one kept, so a step that did nothing says why."""
 
     def __init__(self) -> None:
         self.reader = hiredis.Reader()
-        self.replies = 0
-        self.zero = 0
         self.errors = 0
         self.first_error = ""
         self.transport: asyncio.Transport | None = None
@@ -616,12 +615,56 @@ class RespCounter(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
-            self.replies += 1
             if isinstance(reply, hiredis.ReplyError):
                 self.errors += 1
-                self.first_error = self.first_error or str(reply)
-            elif reply == 0:
-                self.zero += 1
+                self.first_error = self.first_error or str(reply)[:200]
+            self.on_reply(reply)
+
+    def on_reply(self, reply: Any) -> None:
+        raise NotImplementedError
+
+
+class RespCounter(RespReplies):
+    """Counts replies to PUBLISH or FCALL. `:0` to a PUBLISH means nobody was subscribed (a message
+    nobody can get); a refused FCALL (or a function not loaded) counts as an error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replies = 0
+        self.zero = 0
+
+    def on_reply(self, reply: Any) -> None:
+        self.replies += 1
+        if reply == 0:
+            self.zero += 1
+
+
+#: Where servers started by the harness and the tests listen: below the ephemeral range (32768+), so
+#: a port found free cannot be taken by an outgoing connection before the server binds it.
+SERVER_PORTS = range(20000, 32768)
+
+
+def free_port() -> int:
+    """A port in SERVER_PORTS that nothing is bound to right now."""
+    for port in random.sample(SERVER_PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {SERVER_PORTS}")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float, *, graceful: int = signal.SIGTERM) -> None:
+    """Ask a process this harness started to stop, and kill it if it does not within the timeout."""
+    if proc.poll() is None:
+        proc.send_signal(graceful)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def resp_command(*parts: bytes) -> bytes:

@@ -61,7 +61,6 @@ from pathlib import Path
 from typing import Any, TypedDict, cast
 from urllib.parse import quote
 
-import hiredis
 import jwt
 import psutil
 import redis
@@ -78,6 +77,7 @@ from scripts.loadgen import (  # noqa: E402 - needs ROOT on sys.path when run as
     SOCKETS_PER_SOURCE_ADDRESS,
     CpuWindow,
     ProcessGroup,
+    RespReplies,
     Stats,
     WsClient,
     bound_socket,
@@ -87,6 +87,7 @@ from scripts.loadgen import (  # noqa: E402 - needs ROOT on sys.path when run as
     raise_file_limit,
     resp_command,
     source_addresses,
+    stop_process,
 )
 from tornado_gateway.redis_keys import Keys  # noqa: E402
 
@@ -666,31 +667,20 @@ def worker_main(spec: WorkerSpec, pipe: Pipe, shared: SynchronizedArray[int], se
 # recorder process: FCALL <prefix>_publish at a steady rate, keeping the seq each call returned
 # --------------------------------------------------------------------------------------------
 
-class RecordReplies(asyncio.Protocol):
+class RecordReplies(RespReplies):
     """Matches pipelined FCALL replies to the users they were for (Redis answers in order)."""
 
     def __init__(self, users: int) -> None:
-        self.reader = hiredis.Reader()
+        super().__init__()
         self.pending: deque[int] = deque()
         self.last = [0] * users
         self.seqs = 0
-        self.errors = 0
-        self.first_error = ""
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        while (reply := self.reader.gets()) is not False:
-            index = self.pending.popleft()
-            if isinstance(reply, int):
-                self.seqs += 1
-                self.last[index] = max(self.last[index], reply)
-            else:
-                self.errors += 1
-                self.first_error = self.first_error or str(reply)[:200]
+    def on_reply(self, reply: Any) -> None:
+        index = self.pending.popleft()
+        if isinstance(reply, int):
+            self.seqs += 1
+            self.last[index] = max(self.last[index], reply)
 
 
 async def record(redis_port: int, users: list[str], rate: float, pipe: Pipe,
@@ -849,20 +839,11 @@ class Servers:
     def stop(self) -> None:
         for proc in self.gateways:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)  # both drain at once
         for proc in self.gateways:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if self.redis_proc is not None and self.redis_proc.poll() is None:
-            self.redis_proc.terminate()
-            try:
-                self.redis_proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.redis_proc.kill()
-                self.redis_proc.wait(5)
+            stop_process(proc, 20)
+        if self.redis_proc is not None:
+            stop_process(self.redis_proc, 10)
         for path in self.logs:
             path.unlink(missing_ok=True)
 

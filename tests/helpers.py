@@ -27,15 +27,11 @@ import redis
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from scripts.loadgen import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789-0123456789-abcdef"
 SHARED_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_token(sub: str = "u1", user_type: str = "driver", *, secret: str = SECRET, ttl_s: float = 3600,

@@ -12,7 +12,6 @@ import asyncio
 import json
 import random
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers import GatewayProcess, eventually, unique
+from tests.helpers import GatewayProcess, eventually, free_port, unique
 from tornado_gateway.resp import RespConnection
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
@@ -84,25 +83,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
                directory / "self.pem", directory / "self.key", elsewhere_cert, elsewhere_key)
 
 
-def free_low_port() -> int:
-    """A free port below the ephemeral range: one found free cannot then be taken by an outgoing connection
-    before redis-server binds it."""
-    for _ in range(200):
-        port = random.randrange(20000, 32768)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below 32768")
-
-
 class TlsRedis:
     """A TLS-only redis-server (no plaintext port), stopped by its pid."""
 
     def __init__(self, cert: Path, key: Path, ca: Path, auth_clients: str) -> None:
-        self.port = free_low_port()
+        self.port = free_port()
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
              "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
