@@ -124,7 +124,7 @@ async def test_a_silent_subscription_turns_ready_503_and_is_replaced(
     link.freeze()  # every connection to Redis stays open and goes silent
     record(r, gateway, user, 1)  # published to a subscription that no longer receives
 
-    await eventually(lambda: _not(gateway.ready()), timeout=3)
+    await eventually(lambda: _not(gateway.ready()), timeout=10)  # the frozen command link goes first (5-6 s)
     await eventually(gateway.ready, timeout=10)
     assert link.connections > opened  # a new subscriber connection
     assert await seqs_received(client, 1) == [1]

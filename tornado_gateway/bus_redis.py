@@ -200,12 +200,17 @@ class RedisBus:
 
     async def _probe_once(self, conn: RespConnection) -> None:
         """Publish a probe to this instance's own control channel and wait for it to come back
-        through the subscription; a PUBLISH Redis refuses is an outage the listener sees itself."""
+        through the subscription. The wait starts once Redis has taken the PUBLISH: a slow or
+        failing command connection is not the subscription's fault (its own watchdog deals with
+        it). Redis counting no receiver at all means the subscription is gone."""
         self._probe_sent += 1
         back = self._probe_back = asyncio.get_running_loop().create_future()
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(self._probe_round_trip(back), self._probe.timeout_s)
+            receivers = await self._commands.call("PUBLISH", self._control_channel, self._probe_message())
+            if receivers == 0:
+                raise TimeoutError
+            await asyncio.wait_for(back, self._probe.timeout_s)
         except TimeoutError:
             self._probe_failed(conn)
         except REDIS_ERRORS:
@@ -214,10 +219,6 @@ class RedisBus:
             self._metrics.timing(m.PROBE_MS, (time.perf_counter() - started) * 1000.0)
         finally:
             self._probe_back = None
-
-    async def _probe_round_trip(self, back: asyncio.Future[None]) -> None:
-        await self._commands.call("PUBLISH", self._control_channel, self._probe_message())
-        await back
 
     def _probe_message(self) -> str:
         return f'{{"op":"probe","n":{self._probe_sent}}}'

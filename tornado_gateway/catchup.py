@@ -112,11 +112,11 @@ class CatchUp:
                 self._deliver(user_id, data)
             for data in held:
                 self._deliver(user_id, data)
+            if user_id in self._again:
+                self._again.discard(user_id)
+                self.fill(user_id)
         if records:
             self._metrics.incr(m.MESSAGES_GAP_FILLED, len(records))
-        if user_id in self._again:
-            self._again.discard(user_id)
-            self.fill(user_id)
 
     async def _read(self, user_id: str, epoch: str, since: int) -> list[bytes]:
         replay = await self._history.since(user_id, epoch, since)
@@ -125,7 +125,10 @@ class CatchUp:
         if replay.epoch and replay.epoch != epoch:
             # Numbering began again (the history was lost): all of the new epoch is news to the device.
             fresh = await self._history.since(user_id, replay.epoch, 0)
-            return fresh.records if fresh.recoverable else []
+            if fresh.recoverable:
+                return fresh.records
+            self._metrics.incr(m.GAPS_UNFILLED)  # more of the new epoch than HISTORY_SIZE already
+            return []
         if replay.epoch:
             log.warning("gap for user %s not filled: seqs after %d are no longer in the history", user_id, since)
             self._metrics.incr(m.GAPS_UNFILLED)

@@ -129,22 +129,19 @@ class Connection:
             return False
         return self.transport.write_frame(data)
 
-    def release_held(self, epoch: str | None = None, after: int = 0, position: int = 0) -> None:
-        """Send what arrived during the set-up. The client has every recorded message of `epoch`
-        up to seq `after` (those it resumed from, then the replay), so only later ones go out: each
-        arrives exactly once. From then on it stands at `position` (what `connected` said) or the
-        last one sent, whichever is further."""
+    def release_held(self, epoch: str | None = None, seq: int = 0) -> None:
+        """Send what arrived during the set-up. `connected` told the client it stands at `seq` of
+        `epoch` (having had those messages in its replay, or not wanting them: without a resume
+        nothing is replayed), so only later recorded messages go out, each once."""
         held, self.opening = self.opening, None
         if epoch is not None:
-            self.epoch, self.last_seq = epoch, after
+            self.epoch, self.last_seq = epoch, seq
         for item in held or ():
             if isinstance(item, tuple):
                 if self.take_record(item[0], item[1]):
                     self.send(item[2])
             else:
                 self.send(item)
-        if epoch is not None and self.epoch == epoch:
-            self.last_seq = max(self.last_seq, position)
 
     def send_error(self, ids: IdGenerator, code: ErrorCode, message: str, ref: str | None = None) -> None:
         self.send(dumps(envelope("error", error_payload(code, message, ref), ids.next())))

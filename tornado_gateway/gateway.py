@@ -135,6 +135,8 @@ class Gateway:
         self._unregistered: set[Connection] = set()
         self._resync_task: asyncio.Task[None] | None = None
         self._resync_again = False
+        self._reconnects = 0  # subscriber reconnects so far
+        self._catching_up: asyncio.Task[None] | None = None
         self.catchup = CatchUp(self.history, self._cursor, self._deliver_filled, metrics,
                                give_up_after_s=settings.history_ttl_s) if self.history is not None else None
 
@@ -169,6 +171,8 @@ class Gateway:
         for timer in self._timers:  # kept running until now: a long drain must not look like a death
             timer.stop()
         await self._stop_resync()  # a pass still writing would put back what remove_server removes
+        if self._catching_up is not None:
+            self._catching_up.cancel()
         if self.catchup is not None:
             await self.catchup.stop()
         try:
@@ -210,6 +214,7 @@ class Gateway:
         connection closed on the way registers nothing more."""
         identity = conn.identity
         opening = Opening()
+        reconnects_before = self._reconnects
         if resume is not None:  # live recorded messages the client already handled are not sent again
             conn.epoch, conn.last_seq = resume.epoch, resume.since
         try:
@@ -241,8 +246,9 @@ class Gateway:
             self.metrics.incr(m.RESUMES.format(outcome="recovered" if opening.recovered else "not_recovered"))
         conn.write_first(dumps(envelope("connected", payload, self.ids.next())))
         await self._replay(conn, opening.replay)
-        # A replay covers everything up to the position it was read at (expired ones skipped).
-        conn.release_held(opening.epoch, opening.seq if opening.recovered else 0, opening.seq)
+        conn.release_held(opening.epoch, opening.seq)  # a replay covers all up to seq (expired ones skipped)
+        if self.catchup is not None and self._reconnects != reconnects_before:
+            self.catchup.fill(identity.user_id)  # the catch-up after that reconnect passed this device by
         self.metrics.incr(m.CONNECTIONS_OPENED)
         log.info("opened %s user=%s type=%s device=%s platform=%s server=%s ip=%s", conn.connection_id,
                  identity.user_id, identity.user_type, identity.device_id, identity.platform, self.server_id,
@@ -520,20 +526,26 @@ class Gateway:
             self._replace(conn)
 
     def on_bus_reconnected(self) -> None:
+        self._reconnects += 1
         self.request_resync()
         if self.catchup is not None:  # what was recorded while this instance was not subscribed
-            self._spawn(self.catchup.catch_up(self.hub.users()))
+            if self._catching_up is not None:
+                self._catching_up.cancel()  # a pass from before this reconnect may have read too early
+            self._catching_up = asyncio.ensure_future(self.catchup.catch_up(self.hub.users()))
 
     def _cursor(self, user_id: str) -> tuple[str, int] | None:
-        """Where the user's furthest-behind connected device stands in the history."""
+        """Where to read the user's history from for its connected devices: the furthest-behind
+        position, or the start of an epoch when the devices stand in different epochs (numbering
+        began again for some of them: all of the current epoch may be news)."""
         devices = self.hub.devices(user_id)
-        positions = [(conn.last_seq, conn.epoch) for conn in (devices or {}).values()
-                     if conn.epoch is not None and conn.opening is None and not conn.closed]
+        positions = {(conn.epoch, conn.last_seq) for conn in (devices or {}).values()
+                     if conn.epoch is not None and conn.opening is None and not conn.closed}
         if not positions:
             return None
-        seq, epoch = min(positions)
-        assert epoch is not None
-        return epoch, seq
+        epochs = {epoch for epoch, _seq in positions}
+        if len(epochs) > 1:
+            return next(iter(epochs)), 0
+        return min(positions)
 
     def _deliver_filled(self, user_id: str, data: bytes) -> None:
         devices = self.hub.devices(user_id)

@@ -239,7 +239,7 @@ local function record(user_id, raw)
   local list, meta, ids = history_keys(user_id)
   local epoch, seq, has_ids = current_epoch(meta)
   if not epoch then epoch, seq, has_ids = start_epoch(list, meta, ids, time) end
-  if facts.id and has_ids then
+  if facts.id then  -- looked up even when `noids` says none: an older release may be recording too
     local original = redis.call('ZSCORE', ids, facts.id)
     if original then return {tonumber(original), 1, epoch, facts.id} end
   end
