@@ -40,8 +40,8 @@ class Device:
 
 
 def catch_up_for(history: History, device: Device, metrics: Metrics | None = None) -> CatchUp:
-    return CatchUp(history, lambda _user: device.cursor, device.deliver, metrics or Metrics(None, 0, ""),
-                   give_up_after_s=5)
+    return CatchUp(history, lambda _user: [device.cursor] if device.cursor else [], device.deliver,
+                   metrics or Metrics(None, 0, ""), give_up_after_s=5)
 
 
 async def record(history: History, user: str, n: int) -> bytes:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tornado_gateway.auth import DeviceId, Identity, Resume, UserId
-from tornado_gateway.bus import MemoryBus
+from tornado_gateway.bus import BusUnavailable, MemoryBus
 from tornado_gateway.config import Settings
 from tornado_gateway.connection import Connection
 from tornado_gateway.gateway import Gateway
@@ -77,16 +77,21 @@ class HeldHistory(MemoryHistory):
     def __init__(self, publish: Callable[[str, bytes], None]) -> None:
         super().__init__(100, 300, publish)
         self.reads: asyncio.Event | None = None
+        self.down = False  # reads fail as with Redis unreachable
 
     async def position(self, user_id: str) -> Position:
-        if self.reads is not None:
-            await self.reads.wait()
+        await self._read()
         return await super().position(user_id)
 
     async def since(self, user_id: str, epoch: str, since: int) -> Replay:
+        await self._read()
+        return await super().since(user_id, epoch, since)
+
+    async def _read(self) -> None:
+        if self.down:
+            raise BusUnavailable("Redis unreachable")
         if self.reads is not None:
             await self.reads.wait()
-        return await super().since(user_id, epoch, since)
 
 
 class Setup:
@@ -182,3 +187,54 @@ async def test_a_device_still_replaying_when_the_subscriber_reconnects_gets_what
         await opening
         await settle()
         assert slow.seqs() == [3, 4, 5, 6]
+
+
+async def test_a_second_reconnect_during_a_catch_up_loses_nothing() -> None:
+    async with Setup() as s:
+        phone = await s.connect("phone")
+        await s.record(1, 2)
+        s.blink()
+        await s.record(3, 4)
+        s.history.reads = asyncio.Event()  # the catch-up's read is slow
+        s.reconnect()
+        await settle()
+        await s.record(5)  # live, waits behind the catch-up
+        s.reconnect()  # the subscription flaps: a new catch-up pass
+        await settle()
+        s.history.reads.set()
+        await settle()
+        await s.record(6)
+        assert phone.seqs() == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_device_in_a_stale_epoch_does_not_keep_a_gap_open_for_the_others() -> None:
+    async with Setup() as s:
+        phone = await s.connect("phone")
+        await s.record(*range(1, 151))  # more than HISTORY_SIZE: the epoch's start is no longer kept
+        s.history.down = True
+        tablet = Socket()
+        await s.open("tablet", tablet, Resume(since=7, epoch="an-old-epoch"))[1]  # no position read
+        s.history.down = False
+        s.blink()
+        await s.record(151, 152)
+        s.bus.live = True
+        await s.record(153)
+        assert phone.seqs()[-3:] == [151, 152, 153]
+
+
+async def test_a_resume_whose_position_could_not_be_read_is_not_replayed_later() -> None:
+    async with Setup() as s:
+        first = await s.connect("phone")
+        await s.record(1, 2, 3)
+        epoch = first.connected()["epoch"]
+        s.history.down = True
+        tablet = Socket()
+        await s.open("tablet", tablet, Resume(since=1, epoch=epoch))[1]
+        assert tablet.connected()["recovered"] is False
+        s.history.down = False
+        s.blink()
+        await s.record(4)
+        s.bus.live = True
+        await s.record(5)  # shows the gap: 4 is read back
+        assert first.seqs() == [1, 2, 3, 4, 5]
+        assert tablet.seqs() == [4, 5]  # both came after its `connected`; 2 and 3 (after its since) did not

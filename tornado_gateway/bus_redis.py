@@ -209,10 +209,11 @@ class RedisBus:
         try:
             receivers = await self._commands.call("PUBLISH", self._control_channel, self._probe_message())
             if receivers == 0:
-                raise TimeoutError
+                self._probe_failed(conn, "Redis delivered the self-probe to nobody")
+                return
             await asyncio.wait_for(back, self._probe.timeout_s)
         except TimeoutError:
-            self._probe_failed(conn)
+            self._probe_failed(conn, f"self-probe not back within {self._probe.timeout_s:.1f} s")
         except REDIS_ERRORS:
             return
         else:
@@ -223,12 +224,11 @@ class RedisBus:
     def _probe_message(self) -> str:
         return f'{{"op":"probe","n":{self._probe_sent}}}'
 
-    def _probe_failed(self, conn: RespConnection) -> None:
+    def _probe_failed(self, conn: RespConnection, why: str) -> None:
         self._metrics.incr(m.PROBE_FAILURES)
         if conn is not self._conn:
             return  # already replaced
-        log.warning("self-probe not back within %.1f s: the subscription is silent; replacing the pub/sub connection",
-                    self._probe.timeout_s)
+        log.warning("%s: the subscription is silent; replacing the pub/sub connection", why)
         self._ready = False
         conn.close()
 

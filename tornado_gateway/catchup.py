@@ -28,17 +28,18 @@ log = logging.getLogger(__name__)
 #: in sequence rather than 100K coroutines and one burst of 100K calls on Redis.
 CATCH_UP_BATCH: Final = 256
 
-Cursor = tuple[str, int]  # (epoch, last seq the furthest-behind device of the user has)
+Cursor = tuple[str, int]  # (epoch, last seq the furthest-behind device in that epoch has)
 
 
 class CatchUp:
-    """Owns the fills in progress; `cursor(user)` says where a user's devices stand (None: no
-    connected device with a history position), `deliver(user, record)` hands a record to them."""
+    """Owns the fills in progress; `cursors(user)` says where a user's devices stand, one position
+    per epoch they are in (empty: no connected device with a history position), and
+    `deliver(user, record)` hands a record to them."""
 
-    def __init__(self, history: History, cursor: Callable[[str], Cursor | None],
+    def __init__(self, history: History, cursors: Callable[[str], list[Cursor]],
                  deliver: Callable[[str, bytes], None], metrics: Metrics, *, give_up_after_s: float) -> None:
         self._history = history
-        self._cursor = cursor
+        self._cursors = cursors
         self._deliver = deliver
         self._metrics = metrics
         self._give_up_after_s = give_up_after_s  # past HISTORY_TTL there is nothing left to read
@@ -86,8 +87,12 @@ class CatchUp:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _fill_batch(self, users: list[str]) -> None:
-        started = [self.fill(user_id) for user_id in users if self._cursor(user_id) is not None]
-        await asyncio.gather(*(task for task in started if task is not None), return_exceptions=True)
+        """`asyncio.wait`, not `gather`: a pass cancelled by a newer reconnect must not cancel the
+        fills it started (a cancelled fill would hand on the records held behind its gap)."""
+        started = [self.fill(user_id) for user_id in users if self._cursors(user_id)]
+        tasks = [task for task in started if task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def _fill(self, user_id: str) -> None:
         """Retried while Redis is unavailable (the held records wait, in order); a record that
@@ -96,9 +101,9 @@ class CatchUp:
         backoff = Backoff(base_s=0.1, cap_s=2.0)
         deadline = asyncio.get_running_loop().time() + self._give_up_after_s
         try:
-            while (cursor := self._cursor(user_id)) is not None:
+            while cursors := self._cursors(user_id):
                 try:
-                    records = await self._read(user_id, *cursor)
+                    records = await self._read_all(user_id, cursors)
                     break
                 except BusUnavailable as exc:
                     if asyncio.get_running_loop().time() > deadline:
@@ -106,17 +111,30 @@ class CatchUp:
                         self._metrics.incr(m.GAPS_UNFILLED)
                         break
                     await asyncio.sleep(backoff.next_delay())
-        finally:
-            held = self._held.pop(user_id, [])
-            for data in records:
-                self._deliver(user_id, data)
-            for data in held:
-                self._deliver(user_id, data)
-            if user_id in self._again:
-                self._again.discard(user_id)
-                self.fill(user_id)
+        except asyncio.CancelledError:  # stop(): the instance is shutting down, its clients going
+            self._held.pop(user_id, None)
+            self._again.discard(user_id)
+            raise
+        held = self._held.pop(user_id, [])
+        for data in records:
+            self._deliver(user_id, data)
+        for data in held:
+            self._deliver(user_id, data)
+        if user_id in self._again:
+            self._again.discard(user_id)
+            self.fill(user_id)
         if records:
             self._metrics.incr(m.MESSAGES_GAP_FILLED, len(records))
+
+    async def _read_all(self, user_id: str, cursors: list[Cursor]) -> list[bytes]:
+        """Every read ends in the current epoch's history, so each answer is a tail of the same
+        list: the longest one serves every device (each skips what it already had)."""
+        longest: list[bytes] = []
+        for epoch, since in cursors:
+            records = await self._read(user_id, epoch, since)
+            if len(records) > len(longest):
+                longest = records
+        return longest
 
     async def _read(self, user_id: str, epoch: str, since: int) -> list[bytes]:
         replay = await self._history.since(user_id, epoch, since)

@@ -137,7 +137,7 @@ class Gateway:
         self._resync_again = False
         self._reconnects = 0  # subscriber reconnects so far
         self._catching_up: asyncio.Task[None] | None = None
-        self.catchup = CatchUp(self.history, self._cursor, self._deliver_filled, metrics,
+        self.catchup = CatchUp(self.history, self._cursors, self._deliver_filled, metrics,
                                give_up_after_s=settings.history_ttl_s) if self.history is not None else None
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -247,6 +247,8 @@ class Gateway:
         conn.write_first(dumps(envelope("connected", payload, self.ids.next())))
         await self._replay(conn, opening.replay)
         conn.release_held(opening.epoch, opening.seq)  # a replay covers all up to seq (expired ones skipped)
+        if opening.epoch is None:
+            conn.epoch = None  # its resume position was never confirmed: no gap fill from it
         if self.catchup is not None and self._reconnects != reconnects_before:
             self.catchup.fill(identity.user_id)  # the catch-up after that reconnect passed this device by
         self.metrics.incr(m.CONNECTIONS_OPENED)
@@ -533,19 +535,14 @@ class Gateway:
                 self._catching_up.cancel()  # a pass from before this reconnect may have read too early
             self._catching_up = asyncio.ensure_future(self.catchup.catch_up(self.hub.users()))
 
-    def _cursor(self, user_id: str) -> tuple[str, int] | None:
-        """Where to read the user's history from for its connected devices: the furthest-behind
-        position, or the start of an epoch when the devices stand in different epochs (numbering
-        began again for some of them: all of the current epoch may be news)."""
-        devices = self.hub.devices(user_id)
-        positions = {(conn.epoch, conn.last_seq) for conn in (devices or {}).values()
-                     if conn.epoch is not None and conn.opening is None and not conn.closed}
-        if not positions:
-            return None
-        epochs = {epoch for epoch, _seq in positions}
-        if len(epochs) > 1:
-            return next(iter(epochs)), 0
-        return min(positions)
+    def _cursors(self, user_id: str) -> list[tuple[str, int]]:
+        """Where the user's connected devices stand in the history: the furthest-behind position
+        in each epoch they are in (more than one when numbering began again for some of them)."""
+        lowest: dict[str, int] = {}
+        for conn in (self.hub.devices(user_id) or {}).values():
+            if conn.epoch is not None and conn.opening is None and not conn.closed:
+                lowest[conn.epoch] = min(conn.last_seq, lowest.get(conn.epoch, conn.last_seq))
+        return list(lowest.items())
 
     def _deliver_filled(self, user_id: str, data: bytes) -> None:
         devices = self.hub.devices(user_id)
