@@ -95,36 +95,43 @@ class CatchUp:
             await asyncio.wait(tasks)
 
     async def _fill(self, user_id: str) -> None:
-        """Retried while Redis is unavailable (the held records wait, in order); a record that
-        showed a gap is not passed on past it until the read back is done or pointless."""
-        records: list[bytes] = []
-        backoff = Backoff(base_s=0.1, cap_s=2.0)
-        deadline = asyncio.get_running_loop().time() + self._give_up_after_s
+        """A record that showed a gap is not passed on past it until the read back is done or
+        pointless; then the read back records go first, then those held behind them."""
         try:
-            while cursors := self._cursors(user_id):
-                try:
-                    records = await self._read_all(user_id, cursors)
-                    break
-                except BusUnavailable as exc:
-                    if asyncio.get_running_loop().time() > deadline:
-                        log.warning("gap for user %s not filled: history unavailable (%s)", user_id, exc)
-                        self._metrics.incr(m.GAPS_UNFILLED)
-                        break
-                    await asyncio.sleep(backoff.next_delay())
+            records = await self._read_back(user_id)
         except asyncio.CancelledError:  # stop(): the instance is shutting down, its clients going
             self._held.pop(user_id, None)
             self._again.discard(user_id)
             raise
+        except Exception:  # a bug must not keep the user's records held for good
+            log.exception("gap fill for user %s failed", user_id)
+            records = []
         held = self._held.pop(user_id, [])
         for data in records:
             self._deliver(user_id, data)
         for data in held:
             self._deliver(user_id, data)
+        if records:
+            self._metrics.incr(m.MESSAGES_GAP_FILLED, len(records))
         if user_id in self._again:
             self._again.discard(user_id)
             self.fill(user_id)
-        if records:
-            self._metrics.incr(m.MESSAGES_GAP_FILLED, len(records))
+
+    async def _read_back(self, user_id: str) -> list[bytes]:
+        """Retried while Redis is unavailable (the held records wait, in order), for as long as
+        the history could still hold what is missing."""
+        backoff = Backoff(base_s=0.1, cap_s=2.0)
+        deadline = asyncio.get_running_loop().time() + self._give_up_after_s
+        while cursors := self._cursors(user_id):
+            try:
+                return await self._read_all(user_id, cursors)
+            except BusUnavailable as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    log.warning("gap for user %s not filled: history unavailable (%s)", user_id, exc)
+                    self._metrics.incr(m.GAPS_UNFILLED)
+                    return []
+                await asyncio.sleep(backoff.next_delay())
+        return []
 
     async def _read_all(self, user_id: str, cursors: list[Cursor]) -> list[bytes]:
         """Every read ends in the current epoch's history, so each answer is a tail of the same
