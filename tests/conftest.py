@@ -83,6 +83,16 @@ def own_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def snapshotting_redis() -> Iterator[RedisServer]:
+    """A Redis of the test's own that keeps only what the last SAVE wrote across a restart (RDB)."""
+    server = RedisServer(snapshots=True)
+    server.start()
+    yield server
+    server.stop()
+    server.remove_data()
+
+
+@pytest.fixture
 def persistent_redis() -> Iterator[RedisServer]:
     """A Redis of the test's own that keeps its data on disk across a restart (AOF, fsync always)."""
     server = RedisServer(persistent=True)

@@ -51,17 +51,21 @@ def unique(prefix: str = "u") -> str:
 class RedisServer:
     """A redis-server owned by one test, so the test may stop and restart it."""
 
-    def __init__(self, *, persistent: bool = False) -> None:
+    def __init__(self, *, persistent: bool = False, snapshots: bool = False) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         # Persistent: an append-only file synced on every write, so a restart brings back what was there.
-        self.data_dir = tempfile.mkdtemp(prefix="redis-test-") if persistent else None
+        # Snapshots: RDB only, written when the test says SAVE; a restart brings back the last one.
+        self.data_dir = tempfile.mkdtemp(prefix="redis-test-") if persistent or snapshots else None
+        self.aof = persistent
 
     def start(self) -> None:
-        storage = ["--dir", self.data_dir, "--appendonly", "yes", "--appendfsync", "always", "--save", ""] \
-            if self.data_dir else ["--save", "", "--appendonly", "no"]
+        storage = ["--save", "", "--appendonly", "no"]
+        if self.data_dir:
+            storage = ["--dir", self.data_dir, "--save", ""]
+            storage += ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", *storage],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -130,3 +130,47 @@ async def test_a_client_resuming_after_redis_restarted_empty_is_told_it_was_not_
     assert (status, body["seq"]) == (202, 1)
     assert await ride_request_seqs(back, quiet_s=0.5) == [1]
     back.close()
+
+
+async def test_after_redis_restores_an_older_snapshot_seqs_are_not_reused_and_a_resume_is_not_recovered(
+        make_gateway: Callable[..., GatewayProcess], snapshotting_redis: RedisServer) -> None:
+    gateway = make_gateway(HISTORY, url=snapshotting_redis.url)
+    staying_user, resuming_user = unique(), unique()
+    staying = await gateway.connect(staying_user, device_id="phone")
+    away = await gateway.connect(resuming_user, device_id="phone")
+    epoch = away.frames[0]["payload"]["epoch"]
+    users = [staying_user, resuming_user]
+    r = snapshotting_redis.client()
+    await record_for(gateway, users, 1, 2, 3)
+    r.save()  # the snapshot Redis will come back from: seq 3
+    await record_for(gateway, users, 4, 5)
+    assert await ride_request_seqs(away, quiet_s=0.5) == [1, 2, 3, 4, 5]
+    away.close()
+    snapshotting_redis.stop()  # no final save: 4 and 5 are gone from Redis
+    snapshotting_redis.start()
+    await eventually(gateway.ready, timeout=10)
+    await eventually(lambda: _generation_loaded(r, gateway), timeout=10)
+
+    await record_for(gateway, users, 6, 7, 8)
+    back = await resume(gateway, resuming_user, since=5, epoch=epoch)
+    connected = (await back.recv("connected"))["payload"]
+    assert connected["recovered"] is False and connected["epoch"] != epoch
+    staying_got = [(await staying.recv("ride_request"))["payload"]["requestId"] for _ in range(8)]
+    assert staying_got == [f"r{n}" for n in range(1, 9)]  # 6-8 under a new epoch, none skipped
+    staying.close()
+    back.close()
+
+
+async def record_for(gateway: GatewayProcess, users: list[str], *numbers: int) -> None:
+    for n in numbers:
+        for user in users:
+            status, _body = await gateway.http("POST", f"/broadcast/user/{user}",
+                                               {"type": "ride_request", "payload": {"requestId": f"r{n}"}})
+            assert status == 202
+
+
+def _generation_loaded(r: redis.Redis, gateway: GatewayProcess) -> bool:
+    """The gateway has reloaded its function with this run's generation (Redis's run id in it)."""
+    run_id = str(r.info("server")["run_id"])
+    libraries = r.function_list(library=f"{gateway.prefix.replace('-', '_')}_history", withcode=True)
+    return bool(libraries) and run_id.encode() in libraries[0][-1]  # [..., b"library_code", code]
