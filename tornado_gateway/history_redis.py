@@ -209,13 +209,32 @@ local function record_text(seq, epoch, message_id, facts, raw)
     .. '},"message":' .. raw .. '}'
 end
 
+-- A Redis restored from an RDB snapshot (no AOF) may have taken a user's seq back while the epoch
+-- survived: new messages would reuse seqs that clients already had, and be skipped by them. Such a
+-- run of Redis gets its run id as generation, and a history written under another generation counts
+-- as lost (a new epoch, `recovered: false`). Worked out on the first call after the library is
+-- loaded, which Redis does afresh at every start. With AOF what comes back is what was acknowledged:
+-- the generation stays ''. A clean RDB restart (nothing lost) pays a needless `recovered: false`.
+local generation = nil
+local function run_generation()
+  if generation == nil then
+    local persistence = redis.call('INFO', 'persistence')
+    local loaded = tonumber(string.match(persistence, 'rdb_last_load_keys_loaded:(%d+)') or '0')
+    if string.match(persistence, 'aof_enabled:(%d)') == '1' or loaded == 0 then
+      generation = ''
+    else
+      generation = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
+    end
+  end
+  return generation
+end
+
 -- The epoch, the last seq, and whether producer ids may be kept in this epoch: an epoch starts with
 -- `noids` 1, so a history written before that field existed still has its ids looked up. A history
--- of another GENERATION is none at all: Redis was restored from a snapshot since it was written,
--- so its seqs may have gone back and would be handed out again (see RedisHistory.load).
+-- of another generation is none at all (see run_generation).
 local function current_epoch(meta)
   local row = redis.call('HMGET', meta, 'epoch', 'seq', 'noids', 'gen')
-  if not row[1] or (row[4] or '') ~= GENERATION then return nil, 0, false end
+  if not row[1] or (row[4] or '') ~= run_generation() then return nil, 0, false end
   return row[1], tonumber(row[2]) or 0, row[3] ~= '1'
 end
 
@@ -223,7 +242,7 @@ end
 local function start_epoch(list, meta, ids, time)
   local epoch = new_epoch(time)
   redis.call('DEL', list, ids)
-  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'noids', 1, 'gen', GENERATION)
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'noids', 1, 'gen', run_generation())
   redis.call('PEXPIRE', meta, HISTORY_TTL_MS)
   return epoch, 0, false
 end
@@ -336,8 +355,7 @@ def lua_string(text: str) -> str:
     return "'" + "".join(chr(b) if b in safe else f"\\{b}" for b in text.encode()) + "'"
 
 
-def render_library(keys: Keys, *, size: int, ttl_s: float, max_message_size: int,
-                   generation: str = "") -> tuple[str, str]:
+def render_library(keys: Keys, *, size: int, ttl_s: float, max_message_size: int) -> tuple[str, str]:
     """The library source for these settings, and its version (a hash of the source).
 
     The version is served by `<prefix>_history_version`, so `load()` can tell in one cheap call
@@ -364,19 +382,12 @@ def render_library(keys: Keys, *, size: int, ttl_s: float, max_message_size: int
         f"local EXPIRES_AT_REASON = {lua_string(EXPIRES_AT_REASON)}",
         f"local EXPIRED_REASON = {lua_string(EXPIRED_REASON)}",
         f"local EMPTY_USER_REASON = {lua_string(EMPTY_USER_REASON)}",
-        f"local GENERATION = {lua_string(generation)}",
     ])
     source = f"#!lua name={keys.history_library()}\n{constants}\n{LIBRARY_BODY}"
     version = hashlib.sha1(source.encode()).hexdigest()
     source += (f"redis.register_function{{function_name = FN .. '_history_version', "
                f"callback = function() return '{version}' end, flags = {{'no-writes'}}}}\n")
     return source, version
-
-
-def _info(reply: Any) -> dict[str, str]:
-    """An INFO section as a dict."""
-    fields = (line.split(":", 1) for line in _text(reply).splitlines() if ":" in line)
-    return {key: value.strip() for key, value in fields}
 
 
 def _text(value: Any) -> str:
@@ -400,8 +411,6 @@ class RedisHistory:
                  max_message_size: int) -> None:
         self._commands = commands
         self._keys = keys
-        self._settings = (size, ttl_s, max_message_size)
-        self._generation = ""
         self._source, self._version = render_library(keys, size=size, ttl_s=ttl_s, max_message_size=max_message_size)
         self._record = keys.function("record")
         self._position = keys.function("position")
@@ -414,33 +423,12 @@ class RedisHistory:
         FUNCTION LOAD REPLACE is atomic, so instances loading at once, or a service calling the
         function meanwhile, see either the old library or the new one. Raises BusUnavailable."""
         try:
-            self._render(await self._snapshot_generation())
             if await self._loaded_version() == self._version:
                 return
             await self._commands.call("FUNCTION", "LOAD", "REPLACE", self._source)
         except (RedisUnavailable, RedisReplyError) as exc:
             raise BusUnavailable(f"loading the history functions failed: {exc}") from None
         log.info("loaded Redis function library %s (version %s)", self._keys.history_library(), self._version[:12])
-
-    async def _snapshot_generation(self) -> str:
-        """Redis's run id when this run of Redis was restored from an RDB snapshot without AOF, else "".
-
-        Such a restore can take a user's seq back while the epoch survives: new messages would reuse
-        seqs that clients already had, and be skipped by them. Histories written under another
-        generation count as lost (a new epoch, `recovered: false`), which costs a needless
-        `recovered: false` after a clean restart (its final snapshot lost nothing) but never a
-        silent loss. With AOF, what was acknowledged is what comes back: the generation stays ""."""
-        persistence = _info(await self._commands.call("INFO", "persistence"))
-        if persistence.get("aof_enabled") == "1" or persistence.get("rdb_last_load_keys_loaded", "0") == "0":
-            return ""
-        return _info(await self._commands.call("INFO", "server")).get("run_id", "")
-
-    def _render(self, generation: str) -> None:
-        if generation != self._generation:
-            size, ttl_s, max_message_size = self._settings
-            self._source, self._version = render_library(self._keys, size=size, ttl_s=ttl_s,
-                                                         max_message_size=max_message_size, generation=generation)
-            self._generation = generation
 
     async def _loaded_version(self) -> str | None:
         try:
