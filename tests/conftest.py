@@ -74,32 +74,29 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
+def running(server: RedisServer) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+    server.remove_data()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of the test's own (no persistence): the test may stop and restart it, empty."""
+    yield from running(RedisServer())
 
 
 @pytest.fixture
 def snapshotting_redis() -> Iterator[RedisServer]:
     """A Redis of the test's own that keeps only what the last SAVE wrote across a restart (RDB)."""
-    server = RedisServer(snapshots=True)
-    server.start()
-    yield server
-    server.stop()
-    server.remove_data()
+    yield from running(RedisServer(snapshots=True))
 
 
 @pytest.fixture
 def persistent_redis() -> Iterator[RedisServer]:
     """A Redis of the test's own that keeps its data on disk across a restart (AOF, fsync always)."""
-    server = RedisServer(persistent=True)
-    server.start()
-    yield server
-    server.stop()
-    server.remove_data()
+    yield from running(RedisServer(persistent=True))
 
 
 @pytest.fixture
