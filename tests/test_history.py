@@ -350,6 +350,31 @@ async def test_duplicate_producer_id_returns_the_original_seq_and_is_not_publish
     assert (await backend.history.position(user)).seq == 2
 
 
+async def test_an_id_recorded_by_the_previous_release_is_recognised(pipelined: PipelinedClient, keys: Keys,
+                                                                    redis_async: aredis.Redis) -> None:
+    """During a rolling upgrade an older release's function (which keeps no `noids` flag) records
+    into the same history; its producer ids must still count."""
+    history = RedisHistory(pipelined, keys, 100, 300, 65536)
+    await history.load()
+    user = unique("u")
+    first = await history.record(user, notification(1))  # an epoch started by this release: noids 1
+    await redis_async.hset(keys.history_meta(user), "seq", 2)  # the older release records seq 2 with id "old"
+    await redis_async.zadd(keys.history_ids(user), {"old": 2})
+    again = await history.record(user, notification(2, extra=',"id":"old"'))
+    assert (first.seq, again.seq, again.duplicate) == (1, 2, True)
+
+
+async def test_a_history_written_before_generations_existed_keeps_its_epoch(pipelined: PipelinedClient, keys: Keys,
+                                                                           redis_async: aredis.Redis) -> None:
+    history = RedisHistory(pipelined, keys, 100, 300, 65536)
+    await history.load()
+    user = unique("u")
+    first = await history.record(user, notification(1))
+    await redis_async.hdel(keys.history_meta(user), "gen", "noids")  # as the previous release wrote it
+    second = await history.record(user, notification(2))
+    assert (second.epoch, second.seq) == (first.epoch, 2)
+
+
 async def test_a_producer_id_first_used_after_messages_without_ids_is_recognised(make: Factory) -> None:
     history = (await make()).history
     user = unique("u")
