@@ -90,9 +90,12 @@ class Replay:
     records: list[bytes]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
-    """A decoded record; `message` is the producer's message as ujson parses it ([] and big ints kept)."""
+    """A decoded record; `message` is the producer's message as ujson parses it ([] and big ints kept).
+
+    Not frozen: one is built per recorded message delivered, and a frozen dataclass's __init__
+    (object.__setattr__ per field) cost 0.9 us against 0.36 (timeit, this machine)."""
 
     seq: int
     epoch: str
