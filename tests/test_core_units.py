@@ -217,7 +217,8 @@ class CongestedTransport(NullTransport):
 def test_a_latest_wins_frame_survives_a_drain_callback_that_fires_at_once() -> None:
     transport = CongestedTransport()
     c = Connection("c1", Identity(UserId("u"), "rider", DeviceId("d"), "ios", 0.0), transport, "127.0.0.1")
-    c.open_with(b"connected")
+    c.write_first(b"connected")
+    c.release_held()
     flow = FlowControl(max_buffer=1024 * 1024, on_slow=lambda _c: None, on_coalesced=lambda: None)
     flow.deliver(c, b"position-1", "driver_location:d1")
     assert transport.written == [b"connected", b"position-1"]
@@ -230,7 +231,8 @@ def test_frames_sent_before_connected_follow_it_in_order() -> None:
     c.send(b"early-1")
     c.send(b"early-2")
     assert transport.written == []
-    c.open_with(b"connected")
+    c.write_first(b"connected")
+    c.release_held()
     assert transport.written == [b"connected", b"early-1", b"early-2"]
 
 

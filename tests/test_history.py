@@ -174,22 +174,24 @@ async def test_two_concurrent_writers_get_exactly_1_to_400_without_duplicates(re
 # --- history and replay ------------------------------------------------------------------------
 
 
-async def test_history_keeps_only_the_last_history_size_records(make: Factory) -> None:
-    history = (await make(size=3)).history
+async def five_recorded(make: Factory, size: int) -> tuple[History, str, str]:
+    """A history of `size` for a new user with five messages recorded: (history, user, epoch)."""
+    history = (await make(size=size)).history
     user = unique("u")
     await record_many(history, user, 5)
-    epoch = (await history.position(user)).epoch
+    return history, user, (await history.position(user)).epoch
+
+
+async def test_history_keeps_only_the_last_history_size_records(make: Factory) -> None:
+    history, user, epoch = await five_recorded(make, size=3)
     replay = await history.since(user, epoch, 2)
     assert replay.recoverable and seqs(replay.records) == [3, 4, 5]
 
 
 async def test_since_returns_the_records_after_since_in_order(make: Factory) -> None:
-    history = (await make()).history
-    user = unique("u")
-    await record_many(history, user, 5)
-    position = await history.position(user)
-    replay = await history.since(user, position.epoch, 2)
-    assert (replay.recoverable, replay.epoch, replay.seq) == (True, position.epoch, 5)
+    history, user, epoch = await five_recorded(make, size=100)
+    replay = await history.since(user, epoch, 2)
+    assert (replay.recoverable, replay.epoch, replay.seq) == (True, epoch, 5)
     assert seqs(replay.records) == [3, 4, 5]
     bodies = [record.message["payload"]["body"] for record in map(decode_record, replay.records) if record]
     assert bodies == ["b2", "b3", "b4"]
@@ -204,10 +206,7 @@ async def test_since_equal_to_the_current_seq_is_recoverable_with_nothing_to_rep
 
 
 async def test_since_older_than_what_is_kept_is_not_recoverable(make: Factory) -> None:
-    history = (await make(size=3)).history
-    user = unique("u")
-    await record_many(history, user, 5)
-    epoch = (await history.position(user)).epoch
+    history, user, epoch = await five_recorded(make, size=3)
     replay = await history.since(user, epoch, 1)
     assert (replay.recoverable, replay.epoch, replay.seq, replay.records) == (False, epoch, 5, [])
 

@@ -98,22 +98,23 @@ async def test_resuming_from_another_epoch_is_not_recovered(gateway: GatewayProc
     back.close()
 
 
-async def test_resuming_from_a_seq_in_the_future_is_not_recovered(gateway: GatewayProcess) -> None:
-    user = unique()
+async def resumed_from_the_future(gateway: GatewayProcess, user: str) -> Client:
+    """A client of the user that had epoch e and resumes with since=99 while the user's seq is 0."""
     first = await gateway.connect(user)
     epoch = first.frames[0]["payload"]["epoch"]
     first.close()
-    back = await resume(gateway, user, since=99, epoch=epoch)
+    return await resume(gateway, user, since=99, epoch=epoch)
+
+
+async def test_resuming_from_a_seq_in_the_future_is_not_recovered(gateway: GatewayProcess) -> None:
+    back = await resumed_from_the_future(gateway, unique())
     assert (await back.recv("connected"))["payload"]["recovered"] is False
     back.close()
 
 
 async def test_after_an_unrecovered_resume_later_recorded_messages_arrive_live(gateway: GatewayProcess) -> None:
     user = unique()
-    first = await gateway.connect(user)
-    epoch = first.frames[0]["payload"]["epoch"]
-    first.close()
-    back = await resume(gateway, user, since=99, epoch=epoch)  # a seq from the future: not recovered
+    back = await resumed_from_the_future(gateway, user)
     assert (await back.recv("connected"))["payload"]["recovered"] is False
     await broadcast(gateway, user, ride_request(1))
     assert (await back.recv("ride_request"))["seq"] == 1

@@ -78,15 +78,11 @@ class Connection:
     def send(self, data: str | bytes) -> bool:
         """Queue a frame within the outbound limit (acks, errors and heartbeats pile up on a client
         that does not read, as fan-out does); never raises, so one dead socket cannot break a loop."""
-        if self.closed:
-            return False
-        if self.opening is not None:
-            self.opening.append(data)
-            return True
         outbound = self.outbound
-        if outbound is not None and not outbound.admits(self, len(data)):
+        if outbound is not None and self.opening is None and not self.closed \
+                and not outbound.admits(self, len(data)):
             return False
-        return self.transport.write_frame(data)
+        return self.send_admitted(data)
 
     def send_admitted(self, data: str | bytes) -> bool:
         """Queue a frame whose size was already checked against the limit (fan-out checks it itself)."""
@@ -117,11 +113,6 @@ class Connection:
         """A recorded message that arrived before `connected`; `release_held` decides if it is new."""
         if self.opening is not None and not self.closed:
             self.opening.append((epoch, seq, frame))
-
-    def open_with(self, connected: str | bytes) -> None:
-        """Send `connected`, then whatever arrived for the client while it was being set up."""
-        self.write_first(connected)
-        self.release_held()
 
     def write_first(self, data: str | bytes) -> bool:
         """Write ahead of what is held: `connected`, then a replay, go before live messages."""

@@ -45,8 +45,7 @@ class FlowControl:
         if buffered == 0 and conn.coalesced is None:
             conn.send_admitted(frame)  # the common case: the socket keeps up
             return
-        if self._max_buffer and buffered + len(frame) > self._max_buffer:
-            self._on_slow(conn)
+        if self._over_limit(conn, buffered, len(frame)):
             return
         if key is not None and (conn.coalesced is not None or buffered >= self._congested_bytes):
             self._hold(conn, key, frame)
@@ -55,10 +54,14 @@ class FlowControl:
 
     def admits(self, conn: Connection, size: int) -> bool:
         """The same limit for every other frame: acks, errors, heartbeats."""
-        if self._max_buffer and conn.transport.buffered_bytes() + size > self._max_buffer:
+        return not self._over_limit(conn, conn.transport.buffered_bytes(), size)
+
+    def _over_limit(self, conn: Connection, buffered: int, size: int) -> bool:
+        """Past MAX_OUTBOUND_BUFFER the client is closed as too slow (4503)."""
+        if self._max_buffer and buffered + size > self._max_buffer:
             self._on_slow(conn)
-            return False
-        return True
+            return True
+        return False
 
     def _hold(self, conn: Connection, key: str, frame: bytes) -> None:
         held = conn.coalesced

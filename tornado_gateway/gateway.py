@@ -42,8 +42,9 @@ from .messages import (
     IdGenerator,
     dumps,
     envelope,
-    expired,
+    expires_at_of,
     now_ms,
+    passed,
     service_frame,
     validate_service_message,
 )
@@ -466,7 +467,7 @@ class Gateway:
             catchup.fill(user_id, data)
             return
         prepared = self._record_frame(record)
-        if prepared is None or (record.expires_at is not None and record.expires_at <= now_ms()):
+        if prepared is None or passed(record.expires_at):
             if prepared is not None:
                 self.metrics.incr(m.MESSAGES_EXPIRED)
             for conn in devices:  # passed over, not missed: no gap fill for it later
@@ -489,7 +490,8 @@ class Gateway:
     def _record_frame(self, record: Record) -> tuple[bytes, str] | None:
         try:
             kind, payload, _ref, _stamp = validate_service_message(record.message)
-            return service_frame(kind, payload, record.id, record.timestamp, record.message, record.seq), kind
+            return service_frame(kind, payload, record.id, record.timestamp, record.message, record.expires_at,
+                                 record.seq), kind
         except (ValueError, OverflowError, ValidationError) as exc:
             self._undeliverable(str(exc))
             return None
@@ -503,13 +505,14 @@ class Gateway:
         try:
             message = ujson.loads(data)
             kind, payload, ref, stamp = validate_service_message(message)
-            if expired(message):
+            expires_at = expires_at_of(message)
+            if passed(expires_at):
                 self.metrics.incr(m.MESSAGES_EXPIRED)
                 return None
             # Re-encoded even when id and timestamp are there: ujson accepts NaN, Infinity and lone
             # surrogates, which dumps() refuses and browsers cannot parse.
             frame = service_frame(kind, payload, ref or self.ids.next(), now_ms() if stamp is None else stamp,
-                                  message)
+                                  message, expires_at)
             return frame, kind, coalesce_key(kind, payload)
         except (ValueError, OverflowError, RecursionError, ValidationError) as exc:  # UnicodeError is a ValueError
             self.metrics.incr(m.MESSAGES_DROPPED.format(reason="invalid"))
@@ -613,11 +616,12 @@ class Gateway:
         While Redis is down, devices of the user on this instance still get the message (degraded)."""
         kind, payload, ref, stamp = validate_service_message(message)
         assert isinstance(message, dict)  # validate_service_message refuses anything else
-        if expired(message):
+        expires_at = expires_at_of(message)
+        if passed(expires_at):
             raise ValidationError("expiresAt has already passed")
         message_id = ref or self.ids.next()
         try:
-            frame = service_frame(kind, payload, message_id, now_ms() if stamp is None else stamp, message)
+            frame = service_frame(kind, payload, message_id, now_ms() if stamp is None else stamp, message, expires_at)
         except (OverflowError, UnicodeEncodeError):
             raise ValidationError("payload contains NaN, Infinity, a huge number or invalid UTF-8") from None
         if self.history is not None and raw is not None and kind not in LATEST_VALUE_TYPES:

@@ -311,13 +311,13 @@ def envelope(kind: str, payload: Mapping[str, Any], message_id: str, timestamp: 
 
 
 def service_frame(kind: str, payload: Mapping[str, Any], message_id: str, timestamp: int,
-                  message: Mapping[str, Any], seq: int | None = None) -> bytes:
+                  message: Mapping[str, Any], expires_at: int | None, seq: int | None = None) -> bytes:
     """A service message as clients get it: the envelope, plus `seq` for a recorded message and the
-    producer's `expiresAt` and `receipt: true` passed on (PROTOCOL.md 7.3, 7.5)."""
+    producer's `expiresAt` (read once by the caller, which checks it too) and `receipt: true` passed
+    on (PROTOCOL.md 7.3, 7.5)."""
     frame: dict[str, Any] = {"type": kind, "payload": dict(payload), "id": message_id, "timestamp": timestamp}
     if seq is not None:
         frame["seq"] = seq
-    expires_at = expires_at_of(message)
     if expires_at is not None:
         frame["expiresAt"] = expires_at
     if message.get("receipt") is True:
@@ -330,9 +330,8 @@ def expires_at_of(message: Mapping[str, Any]) -> int | None:
     return expires_at if isinstance(expires_at, int) and not isinstance(expires_at, bool) else None
 
 
-def expired(message: Mapping[str, Any]) -> bool:
-    """Whether the producer's `expiresAt` has passed; the clock is read only for messages that have one."""
-    expires_at = expires_at_of(message)
+def passed(expires_at: int | None) -> bool:
+    """Whether a message's `expiresAt` has passed; the clock is read only for messages that have one."""
     return expires_at is not None and expires_at <= now_ms()
 
 
