@@ -12,7 +12,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Literal, NotRequired, TypedDict
+from typing import Annotated, Any, Final, Literal, NamedTuple, NotRequired, TypedDict
 
 import ujson
 
@@ -23,53 +23,15 @@ Platform = Literal["ios", "android", "web"]
 USER_TYPES: Final[tuple[UserType, ...]] = ("driver", "rider", "restaurant", "delivery_partner")
 PLATFORMS: Final[tuple[Platform, ...]] = ("ios", "android", "web")
 
-ClientType = Literal["heartbeat_ack", "location_update", "dispatch_response", "token_refresh"]
+ClientType = Literal["heartbeat_ack", "location_update", "dispatch_response", "token_refresh", "receipt"]
 ServiceType = Literal["ride_request", "ride_status", "driver_location", "eta_update", "notification", "order_status"]
 GatewayType = Literal["connected", "heartbeat", "ack", "error"]
-
-#: Payload fields the gateway requires of each service message; the rest pass through.
-SERVICE_REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
-    "ride_request": ("requestId",),
-    "ride_status": ("rideId", "status"),
-    "driver_location": ("driverId", "latitude", "longitude"),
-    "eta_update": ("rideId", "etaSeconds"),
-    "notification": ("title", "body"),
-    "order_status": ("orderId", "status"),
-}
 
 MAX_ID_LENGTH: Final = 128
 MAX_TEXT_LENGTH: Final = 1024
 
 
 # --- client -> server -------------------------------------------------------------------------
-
-
-class HeartbeatAckPayload(TypedDict):
-    timestamp: float
-
-
-class LocationUpdatePayload(TypedDict):
-    latitude: float
-    longitude: float
-    timestamp: float
-    heading: NotRequired[float]
-    speed: NotRequired[float]
-    accuracy: NotRequired[float]
-    isAvailable: NotRequired[bool]
-    tripId: NotRequired[str]
-
-
-class TokenRefreshPayload(TypedDict):
-    token: str
-
-
-class DispatchResponsePayload(TypedDict):
-    requestId: str
-    action: Literal["accept", "reject"]
-    reason: NotRequired[str]
-
-
-ClientPayload = HeartbeatAckPayload | LocationUpdatePayload | DispatchResponsePayload
 
 
 class ClientMessage(TypedDict):
@@ -89,6 +51,8 @@ class Envelope(TypedDict):
 
 
 class ConnectedPayload(TypedDict):
+    """The first frame's payload (PROTOCOL.md 1, 7.1, 7.2)."""
+
     connectionId: str
     serverId: str
     userId: str
@@ -101,10 +65,69 @@ class ConnectedPayload(TypedDict):
     recovered: NotRequired[bool]  # 7.2: only when the client asked to resume
 
 
+class HeartbeatPayload(TypedDict):
+    timestamp: int
+
+
+class AckPayload(TypedDict):
+    id: str  # the client message's own id
+
+
 class ErrorPayload(TypedDict):
-    code: str
+    code: Annotated[str, ErrorCode]  # one of ErrorCode's values
     message: str
-    ref: NotRequired[str]
+    ref: NotRequired[str]  # the client message's id, when it had one
+
+
+#: The gateway's own messages and their payloads.
+GATEWAY_PAYLOADS: Final[dict[str, type]] = {
+    "connected": ConnectedPayload, "heartbeat": HeartbeatPayload, "ack": AckPayload, "error": ErrorPayload,
+}
+
+
+# --- service messages: the fields the gateway requires of each type; more pass through --------
+# The types are the documented ones; the gateway checks only that required fields are present
+# (v1 accepted any non-null value, and producers that relied on that keep working).
+
+
+class RideRequestPayload(TypedDict):
+    requestId: str
+
+
+class RideStatusPayload(TypedDict):
+    rideId: str
+    status: str
+
+
+class DriverLocationPayload(TypedDict):
+    driverId: str
+    latitude: float
+    longitude: float
+
+
+class EtaUpdatePayload(TypedDict):
+    rideId: str
+    etaSeconds: float
+
+
+class NotificationPayload(TypedDict):
+    title: str
+    body: str
+
+
+class OrderStatusPayload(TypedDict):
+    orderId: str
+    status: str
+
+
+SERVICE_PAYLOADS: Final[dict[str, type]] = {
+    "ride_request": RideRequestPayload,
+    "ride_status": RideStatusPayload,
+    "driver_location": DriverLocationPayload,
+    "eta_update": EtaUpdatePayload,
+    "notification": NotificationPayload,
+    "order_status": OrderStatusPayload,
+}
 
 
 class InboundEvent(TypedDict):
@@ -121,9 +144,14 @@ class InboundEvent(TypedDict):
     payload: dict[str, Any]
 
 
-# --- field rules ------------------------------------------------------------------------------
+# --- field rules: each check comes with its JSON Schema, so schema.py can publish what is enforced -----
 
 FieldCheck = Callable[[str, Any], Any]
+
+
+class Field(NamedTuple):
+    check: FieldCheck
+    json: dict[str, Any]  # the same rule as JSON Schema (draft 2020-12)
 
 
 MAX_INT = 2**63  # larger integers overflow floats (math.isfinite raises) and JSON encoders
@@ -149,7 +177,7 @@ def is_text(value: Any, max_length: int, *, non_empty: bool = True) -> bool:
     return True
 
 
-def number(low: float | None = None, high: float | None = None) -> FieldCheck:
+def number(low: float | None = None, high: float | None = None) -> Field:
     def check(name: str, value: Any) -> Any:
         if not _is_number(value):
             raise ValidationError(f"payload.{name} must be a finite number")
@@ -157,42 +185,49 @@ def number(low: float | None = None, high: float | None = None) -> FieldCheck:
             raise ValidationError(f"payload.{name} must be within {low}..{high}")
         return value
 
-    return check
+    json: dict[str, Any] = {"type": "number"}
+    if low is not None:
+        json["minimum"] = low
+    if high is not None:
+        json["maximum"] = high
+    return Field(check, json)
 
 
-def text(max_length: int = MAX_ID_LENGTH, *, non_empty: bool = True) -> FieldCheck:
+def text(max_length: int = MAX_ID_LENGTH, *, non_empty: bool = True) -> Field:
     def check(name: str, value: Any) -> Any:
         if not is_text(value, max_length, non_empty=non_empty):
             raise ValidationError(f"payload.{name} must be a UTF-8 string of 1..{max_length} characters")
         return value
 
-    return check
+    return Field(check, {"type": "string", "minLength": 1 if non_empty else 0, "maxLength": max_length})
 
 
-def one_of(*choices: str) -> FieldCheck:
+def one_of(*choices: str) -> Field:
     def check(name: str, value: Any) -> Any:
         if value not in choices:
             raise ValidationError(f"payload.{name} must be one of {', '.join(choices)}")
         return value
 
-    return check
+    return Field(check, {"enum": list(choices)})
 
 
-def boolean(name: str, value: Any) -> Any:
+def _check_boolean(name: str, value: Any) -> Any:
     if not isinstance(value, bool):
         raise ValidationError(f"payload.{name} must be true or false")
     return value
 
 
-Schema = Mapping[str, tuple[FieldCheck, bool]]  # field -> (check, required)
+BOOLEAN: Final = Field(_check_boolean, {"type": "boolean"})
+
+Schema = Mapping[str, tuple[Field, bool]]  # payload field -> (rule, required)
 
 
 def validate_payload(schema: Schema, payload: Mapping[str, Any]) -> dict[str, Any]:
     """Check every known field and drop the unknown ones."""
     clean: dict[str, Any] = {}
-    for name, (check, required) in schema.items():
+    for name, (field, required) in schema.items():
         if name in payload:
-            clean[name] = check(name, payload[name])
+            clean[name] = field.check(name, payload[name])
         elif required:
             raise ValidationError(f"payload.{name} is required")
     return clean
@@ -206,7 +241,7 @@ LOCATION_UPDATE_SCHEMA: Final[Schema] = {
     "speed": (number(0), False),
     "accuracy": (number(0), False),
     "timestamp": (number(0), True),
-    "isAvailable": (boolean, False),
+    "isAvailable": (BOOLEAN, False),
     "tripId": (text(), False),
 }
 TOKEN_REFRESH_SCHEMA: Final[Schema] = {"token": (text(8192), True)}
@@ -256,6 +291,12 @@ def client_ref(frame: str | bytes) -> str | None:
 
 
 # --- service messages (broadcast API and direct Redis publishes) ------------------------------
+
+#: Payload fields the gateway requires of each service message; the rest pass through.
+SERVICE_REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    kind: tuple(payload.__annotations__) for kind, payload in SERVICE_PAYLOADS.items()
+}
+
 
 
 def validate_service_message(data: Any) -> tuple[str, dict[str, Any], str | None, int | None]:
