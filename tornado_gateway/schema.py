@@ -84,8 +84,8 @@ def typeddict_schema(cls: Any, *, closed: bool = True) -> Json:
 def rules_schema(rules: messages.Schema) -> Json:
     """The payload schema of a client message, from the rules the gateway enforces. Unknown fields
     are accepted and dropped by the gateway, so they are allowed here too."""
-    return {"type": "object", "properties": {name: dict(field.json) for name, (field, _) in rules.items()},
-            "required": [name for name, (_, required) in rules.items() if required]}
+    return {"type": "object", "properties": {name: dict(rule) for name, (_, _, rule) in rules.items()},
+            "required": [name for name, (_, needed, _) in rules.items() if needed]}
 
 
 def titled(name: str, schema: Json, description: str | None = None) -> Json:
