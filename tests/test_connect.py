@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
 from tests.helpers import Client, GatewayProcess, make_token, unique
 
@@ -40,6 +42,31 @@ async def test_token_may_come_in_the_authorization_header(gateway: GatewayProces
     client = await Client.open(gateway.ws_url(**params), headers={"Authorization": f"Bearer {token}"})
     assert (await client.recv())["payload"]["userId"] == user
     client.close()
+
+
+async def subprotocol_client(gateway: GatewayProcess, subprotocols: list[str],
+                             params: dict[str, str]) -> tuple[Client, str | None]:
+    request = HTTPRequest(gateway.ws_url(**params), connect_timeout=5, request_timeout=5)
+    ws = await websocket_connect(request, subprotocols=subprotocols)
+    return Client(ws), ws.selected_subprotocol
+
+
+async def test_token_may_come_as_a_bearer_subprotocol_and_is_never_echoed(gateway: GatewayProcess) -> None:
+    user = unique()
+    params = good_params(user)
+    token = params.pop("token")
+    client, selected = await subprotocol_client(gateway, ["tornado-gateway", f"bearer.{token}"], params)
+    assert (await client.recv())["payload"]["userId"] == user
+    assert selected == "tornado-gateway"
+    client.close()
+
+
+async def test_a_bad_subprotocol_token_is_4401(gateway: GatewayProcess) -> None:
+    params = good_params()
+    del params["token"]
+    client, _ = await subprotocol_client(gateway, ["tornado-gateway", "bearer.not-a-jwt"], params)
+    code, frames = await client.closed()
+    assert (code, frames[0]["payload"]["code"]) == (4401, "AUTH_FAILED")
 
 
 @pytest.mark.parametrize("user_type", ["driver", "rider", "restaurant", "delivery_partner"])

@@ -8,6 +8,7 @@ import pytest
 
 from tests.helpers import GatewayProcess, module_gateway, unique
 from tornado_gateway.config import load_settings
+from tornado_gateway.forwarded import ClientAddress
 from tornado_gateway.http_api import broadcast_refusal
 
 KEY = "svc-key-0123456789"
@@ -86,16 +87,16 @@ async def test_broadcast_without_an_api_key_is_accepted_from_loopback(gateway: G
 
 
 def test_broadcast_without_an_api_key_is_403_from_other_addresses() -> None:
-    refusal = broadcast_refusal(None, "10.1.2.3", None)
+    refusal = broadcast_refusal(None, ClientAddress("10.1.2.3"), None)
     assert refusal is not None and refusal[0] == 403
-    assert broadcast_refusal(None, "127.0.0.1", None) is None
-    assert broadcast_refusal(None, "::1", None) is None
+    assert broadcast_refusal(None, ClientAddress("127.0.0.1"), None) is None
+    assert broadcast_refusal(None, ClientAddress("::1"), None) is None
 
 
 def test_broadcast_key_check_accepts_only_the_exact_bearer_key() -> None:
-    assert broadcast_refusal(KEY, "10.1.2.3", f"Bearer {KEY}") is None
-    assert broadcast_refusal(KEY, "127.0.0.1", None) == (401, "AUTH_FAILED", "missing or wrong API key")
-    assert broadcast_refusal(KEY, "127.0.0.1", f"Bearer {KEY}x") is not None
+    assert broadcast_refusal(KEY, ClientAddress("10.1.2.3"), f"Bearer {KEY}") is None
+    assert broadcast_refusal(KEY, ClientAddress("127.0.0.1"), None) == (401, "AUTH_FAILED", "missing or wrong API key")
+    assert broadcast_refusal(KEY, ClientAddress("127.0.0.1"), f"Bearer {KEY}x") is not None
 
 
 async def test_health_is_200_while_the_process_runs(gateway: GatewayProcess) -> None:
@@ -129,7 +130,7 @@ def test_an_empty_api_key_in_a_conf_file_is_no_key(tmp_path: Path) -> None:
 
 
 def test_an_empty_api_key_never_matches_an_empty_authorization_header() -> None:
-    refusal = broadcast_refusal("", "10.1.2.3", "Bearer ")
+    refusal = broadcast_refusal("", ClientAddress("10.1.2.3"), "Bearer ")
     assert refusal is not None and refusal[0] == 403
 
 

@@ -67,7 +67,8 @@ def _single(query: Mapping[str, Sequence[str]], name: str) -> str | None:
     return values[-1] if values else None
 
 
-def parse_connect_params(query: Mapping[str, Sequence[str]], authorization: str | None) -> ConnectParams:
+def parse_connect_params(query: Mapping[str, Sequence[str]], authorization: str | None,
+                         subprotocols: Sequence[str] = ()) -> ConnectParams:
     """Query parameters are checked before the token (contract section 1)."""
     user_type = _single(query, "userType")
     if user_type not in USER_TYPES:
@@ -79,9 +80,10 @@ def parse_connect_params(query: Mapping[str, Sequence[str]], authorization: str 
     if platform not in PLATFORMS:
         raise invalid_params(f"platform must be one of {', '.join(PLATFORMS)}")
     resume = parse_resume(_single(query, "since"), _single(query, "epoch"))
-    token = _single(query, "token") or bearer_token(authorization)
+    token = _single(query, "token") or bearer_token(authorization) or subprotocol_token(subprotocols)
     if not token:
-        raise auth_failed("token is missing: pass ?token= or an Authorization: Bearer header")
+        raise auth_failed("token is missing: pass ?token=, an Authorization: Bearer header, or the "
+                          f"subprotocols {SUBPROTOCOL} and {BEARER_PREFIX}<token>")
     return ConnectParams(token, user_type, DeviceId(device_id), platform, resume)
 
 
@@ -100,6 +102,20 @@ def parse_resume(since: str | None, epoch: str | None) -> Resume | None:
     if not EPOCH_RE.match(epoch):
         raise invalid_params("epoch must be the epoch from `connected` (1-64 characters of A-Z a-z 0-9 . _ : -)")
     return Resume(int(since), epoch)
+
+
+#: Browsers cannot set headers on a WebSocket, and a token in the URL ends up in proxy access logs;
+#: so a browser offers the subprotocols `tornado-gateway` and `bearer.<JWT>` (the way Kubernetes
+#: carries tokens). The server selects `tornado-gateway`, never echoing the token.
+SUBPROTOCOL: Final = "tornado-gateway"
+BEARER_PREFIX: Final = "bearer."
+
+
+def subprotocol_token(subprotocols: Sequence[str]) -> str | None:
+    for offered in subprotocols:
+        if offered.startswith(BEARER_PREFIX):
+            return offered[len(BEARER_PREFIX):] or None
+    return None
 
 
 def bearer_token(authorization: str | None) -> str | None:

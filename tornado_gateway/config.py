@@ -19,6 +19,8 @@ from typing import Any
 from tornado.options import Error as OptionsError
 from tornado.options import OptionParser
 
+from .forwarded import parse_networks
+
 MEMORY_URL = "memory://"
 DEV_JWT_SECRET = "dev-insecure-secret-do-not-use-in-production"
 SUPPORTED_ALGORITHMS = frozenset({"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"})
@@ -69,6 +71,7 @@ class Settings:
     socket_sndbuf: int = 0  # SO_SNDBUF per client socket; 0 leaves the kernel's autotuning
     token_expiry_grace_s: float = 30.0
     allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()  # addresses/CIDRs whose forwarding headers are believed
     compression: bool = False
     event_loop: str = "auto"  # auto (uvloop when installed), asyncio, uvloop
     dev: bool = False
@@ -122,6 +125,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "socket_sndbuf": (int, "SOCKET_SNDBUF"),
     "token_expiry_grace_s": (float, "TOKEN_EXPIRY_GRACE"),
     "allowed_origins": (str, "ALLOWED_ORIGINS"),
+    "trusted_proxies": (str, "TRUSTED_PROXIES"),
     "compression": (bool, "COMPRESSION"),
     "event_loop": (str, "EVENT_LOOP"),
 }
@@ -189,7 +193,7 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _normalise(values: dict[str, Any]) -> dict[str, Any]:
-    for name in ("jwt_algorithms", "allowed_origins"):
+    for name in ("jwt_algorithms", "allowed_origins", "trusted_proxies"):
         listed = values.get(name)
         if isinstance(listed, str):
             values[name] = tuple(a.strip() for a in listed.split(",") if a.strip())
@@ -246,6 +250,10 @@ def validate(settings: Settings) -> None:
         raise ConfigError("PROBE_INTERVAL must be >= 0 (0 turns the probe off) and PROBE_TIMEOUT more than half of it")
     if settings.processes < 1:
         raise ConfigError("PROCESSES must be at least 1")
+    try:
+        parse_networks(settings.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if settings.event_loop not in ("auto", "asyncio", "uvloop"):
         raise ConfigError("EVENT_LOOP must be auto, asyncio or uvloop")
     if min(settings.rate_limit_per_s, settings.rate_limit_burst, settings.connect_rate_per_ip,

@@ -18,6 +18,7 @@ from . import metrics as m
 from .auth import bearer_token
 from .bus import BusUnavailable
 from .errors import ErrorCode, ValidationError
+from .forwarded import ClientAddress, resolve_client
 from .gateway import Gateway
 from .messages import MAX_ID_LENGTH, dumps
 from .presence import sum_cluster
@@ -34,9 +35,13 @@ def is_loopback(address: str | None) -> bool:
 
 class ApiHandler(RequestHandler):
     gateway: Gateway
+    client: ClientAddress
 
     def initialize(self, gateway: Gateway) -> None:
         self.gateway = gateway
+
+    def prepare(self) -> None:
+        self.client = resolve_client(self.request, self.gateway.proxies)
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
@@ -96,7 +101,7 @@ class BroadcastHandler(ApiHandler):
         return 202
 
     def _authorised(self) -> bool:
-        refusal = broadcast_refusal(self.gateway.settings.gateway_api_key, self.request.remote_ip,
+        refusal = broadcast_refusal(self.gateway.settings.gateway_api_key, self.client,
                                     self.request.headers.get("Authorization"))
         if refusal is None:
             return True
@@ -104,13 +109,17 @@ class BroadcastHandler(ApiHandler):
         return False
 
 
-def broadcast_refusal(api_key: str | None, remote_ip: str | None,
+def broadcast_refusal(api_key: str | None, client: ClientAddress,
                       authorization: str | None) -> tuple[int, str, str] | None:
-    """None when the caller may broadcast, else (status, code, message)."""
+    """None when the caller may broadcast, else (status, code, message).
+
+    Without a key only loopback callers may broadcast; a request that came through a proxy (it has
+    forwarding headers) counts as loopback only when a trusted proxy says its client is loopback, so
+    a proxy on the same host cannot open the API to the world."""
     if not api_key:  # config.py never makes "" a key; an empty key must not match an empty header anyway
-        if is_loopback(remote_ip):
+        if is_loopback(client.ip) and (client.trusted or not client.proxied):
             return None
-        return 403, "FORBIDDEN", "GATEWAY_API_KEY is not set: broadcast is loopback-only"
+        return 403, "FORBIDDEN", "GATEWAY_API_KEY is not set: broadcast is for loopback callers, not through a proxy"
     supplied = bearer_token(authorization) or ""
     if hmac.compare_digest(supplied.encode(), api_key.encode()):
         return None

@@ -106,14 +106,24 @@ async def build_backends(settings: Settings, metrics: Metrics) -> Backends:
     return presence, bus, history, redis
 
 
+def log_broadcast_rule(settings: Settings) -> None:
+    """Who may call POST /broadcast, said once at start: behind a proxy the answer is not obvious."""
+    proxies = ", ".join(settings.trusted_proxies) or "none"
+    if settings.gateway_api_key:
+        log.info("broadcast rule: POST /broadcast needs GATEWAY_API_KEY (trusted proxies: %s)", proxies)
+        return
+    log.warning("broadcast rule: GATEWAY_API_KEY is not set: POST /broadcast is accepted from loopback "
+                "callers only; a request through a proxy (forwarding headers) is refused unless a trusted "
+                "proxy forwards it for a loopback client (trusted proxies: %s)", proxies)
+
+
 def announce(settings: Settings, embedded: bool) -> None:
     if settings.dev and settings.jwt_secret == DEV_JWT_SECRET:
         log.warning("=" * 72)
         log.warning("DEVELOPMENT MODE: tokens are signed with a PUBLIC, INSECURE dev secret.")
         log.warning("Never expose this instance. Set JWT_SECRET and drop --dev in production.")
         log.warning("=" * 72)
-    if not settings.gateway_api_key:
-        log.warning("GATEWAY_API_KEY is not set: POST /broadcast is accepted from loopback addresses only")
+    log_broadcast_rule(settings)
     port = settings.port
     log.info("instance %s listening on :%d (%s bus, %s loop)", settings.server_id, port,
              "embedded" if embedded else "Redis", type(asyncio.get_running_loop()).__module__.split(".")[0])

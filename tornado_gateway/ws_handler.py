@@ -21,10 +21,11 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
 from . import metrics as m
-from .auth import parse_connect_params
+from .auth import SUBPROTOCOL, parse_connect_params
 from .connection import Connection
 from .dispatch import handle_frame
 from .errors import CLOSE_ERRORS, CloseCode, GatewayError
+from .forwarded import resolve_client
 from .gateway import Gateway
 from .messages import dumps, envelope, error_payload
 from .ws_protocol import FrameProtocol, hand_over
@@ -89,6 +90,18 @@ class GatewaySocket(WebSocketHandler):
         self._release_request_state()
         return frames
 
+    def prepare(self) -> None:
+        resolve_client(self.request, self.gateway.proxies)
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        """Browsers fail a handshake whose response selects none of the offered subprotocols; the
+        token entry (`bearer.<JWT>`) is never the one echoed back."""
+        return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
+
+    def _subprotocols(self) -> list[str]:
+        offered = self.request.headers.get("Sec-WebSocket-Protocol")
+        return [entry.strip() for entry in offered.split(",")] if offered else []
+
     def check_origin(self, origin: str) -> bool:
         """Browsers send Origin; apps usually do not (then this is not called). Unset list: any origin."""
         allowed = self.gateway.settings.allowed_origins
@@ -113,7 +126,7 @@ class GatewaySocket(WebSocketHandler):
             return
         try:
             query = {k: [v.decode("utf-8", "replace") for v in vs] for k, vs in self.request.query_arguments.items()}
-            params = parse_connect_params(query, self.request.headers.get("Authorization"))
+            params = parse_connect_params(query, self.request.headers.get("Authorization"), self._subprotocols())
             identity = gateway.verifier.identity(params)
         except GatewayError as exc:
             self._refuse(exc)
