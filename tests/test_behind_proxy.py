@@ -266,3 +266,10 @@ async def test_the_token_can_travel_as_a_subprotocol_and_stays_out_of_the_access
     log = nginx.access_log.read_text()
     assert "/ws " in log and "101" in log
     assert "token=" not in log and token not in log and "eyJ" not in log
+
+
+def test_each_instance_says_its_broadcast_rule_at_start(gateways: list[GatewayProcess]) -> None:
+    for gateway in gateways:
+        assert "broadcast rule: GATEWAY_API_KEY is not set" in gateway.log()
+        assert "refused unless a trusted proxy forwards it for a loopback client (trusted proxies: 127.0.0.1)" \
+            in gateway.log()
