@@ -6,7 +6,7 @@ import logging
 
 from tornado.web import Application, RequestHandler
 
-from . import http_api
+from . import console, http_api
 from .gateway import Gateway
 from .ws_handler import GatewaySocket
 
@@ -27,6 +27,8 @@ def log_request(handler: RequestHandler) -> None:
 
 def make_app(gateway: Gateway) -> Application:
     args = {"gateway": gateway}
+    # The developer console mints tokens: it exists in --dev only (outside it, /console is a 404).
+    dev_only = console.routes(gateway) if gateway.settings.dev else []
     return Application(
         [
             (r"/ws", GatewaySocket, args),
@@ -35,6 +37,7 @@ def make_app(gateway: Gateway) -> Application:
             (r"/stats/cluster", http_api.ClusterStatsHandler, args),
             (r"/health", http_api.HealthHandler, args),
             (r"/ready", http_api.ReadyHandler, args),
+            *dev_only,
         ],
         log_function=log_request,
         websocket_max_message_size=gateway.settings.max_message_size,
