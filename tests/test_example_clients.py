@@ -18,12 +18,14 @@ import redis
 
 from tests.helpers import ROOT, GatewayProcess, eventually, make_token, unique
 from tests.tcp_proxy import DelayingProxy
+from tests.test_typescript_sdk import ensure_sdk_built
 
 NODE = shutil.which("node")
 
 
 @pytest.mark.skipif(NODE is None, reason="node is not installed")
 async def test_javascript_driver_client_flow(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    ensure_sdk_built()  # the example imports clients/typescript/dist
     gateway = make_gateway({"HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TIMEOUT": "2"})
     token = make_token("js-driver", "driver")
     proc = await asyncio.create_subprocess_exec(
@@ -58,6 +60,7 @@ class ExampleClient:
         if language == "javascript":
             if NODE is None:
                 pytest.skip("node is not installed")
+            ensure_sdk_built()  # the example imports clients/typescript/dist
             command = [NODE, "--experimental-websocket", "--no-warnings", str(ROOT / "examples" / "driver_client.js")]
         else:
             command = [sys.executable, "-u", str(ROOT / "examples" / "driver_client.py")]

@@ -99,8 +99,8 @@ function refilter() {
 
 /** The SDK's WebSocket, tapped: every frame in and out reaches the log before the SDK sees it. */
 class TappedWebSocket extends WebSocket {
-  constructor(url) {
-    super(url);
+  constructor(url, protocols) {
+    super(url, protocols); // the token travels as the bearer subprotocol, never in the URL
     this.addEventListener("message", (event) => logFrame("in", event.data));
   }
 
