@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from typing import Any
 
 import redis
 
@@ -106,3 +107,58 @@ async def test_dead_instance_entries_are_removed_by_survivors(make_gateway, redi
         return doomed.server_id not in {s["serverId"] for s in servers}
 
     await eventually(not_counted)
+
+
+async def test_cluster_unique_users_counts_a_user_on_two_instances_once(make_gateway,  # type: ignore[no-untyped-def]
+                                                                       redis_client: redis.Redis,
+                                                                       prefix: str) -> None:
+    first, second = make_gateway({"INSTANCE_TTL": "1"}), make_gateway({"INSTANCE_TTL": "1"})
+    both, only_second = unique(), unique()
+    clients = [await first.connect(both, "rider", "phone"), await second.connect(both, "rider", "tablet"),
+               await first.connect(user_type="driver"), await second.connect(only_second, "restaurant", "till")]
+
+    async def cluster() -> dict[str, Any]:
+        body: dict[str, Any] = (await first.http("GET", "/stats/cluster"))[1]
+        return body
+
+    async def settled() -> bool:  # both instances' figures are in (each refreshes every INSTANCE_TTL/3)
+        servers = {s["serverId"]: s for s in (await cluster())["servers"]}
+        return servers.get(second.server_id, {}).get("totalConnections") == 2
+
+    await eventually(settled, timeout=8)
+    stats = await cluster()
+    assert stats["uniqueUsers"] == 3  # `both` once, not once per instance
+    assert sum(s["uniqueUsers"] for s in stats["servers"]) == 4  # what the old sum said
+    assert stats["totalConnections"] == 4
+    assert stats["byUserType"] == {"driver": 1, "rider": 2, "restaurant": 1, "delivery_partner": 0}  # connections
+    assert redis_client.scard(f"{prefix}:users") == 3
+
+    clients[0].close()  # `both` keeps the tablet: still one user
+
+    async def phone_gone() -> bool:
+        return (await cluster())["totalConnections"] == 3 and not redis_client.hexists(f"{prefix}:presence:{both}",
+                                                                                        "phone")
+
+    await eventually(phone_gone)
+    assert (await cluster())["uniqueUsers"] == 3
+
+    second.signal(signal.SIGKILL)  # the tablet's and the till's instance dies: its entries are reaped
+    second.wait()
+
+    async def reaped() -> bool:
+        return bool((await cluster())["uniqueUsers"] == 1)  # only the driver on `first` is left
+
+    await eventually(reaped, timeout=10)
+    assert not redis_client.sismember(f"{prefix}:users", both)
+    assert not redis_client.sismember(f"{prefix}:users", only_second)
+    for client in clients:
+        client.close()
+
+
+async def test_the_users_set_heals_members_whose_presence_is_gone(gateway: GatewayProcess, redis_client: redis.Redis,
+                                                                 prefix: str) -> None:
+    """An entry removed by something that does not know the set (a release before it, a key deleted
+    by hand) leaves a member behind; the housekeeping sweep removes it."""
+    ghost = unique()
+    redis_client.sadd(f"{prefix}:users", ghost)
+    await eventually(lambda: not redis_client.sismember(f"{prefix}:users", ghost), timeout=12)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
 
+import pytest
 import redis
 
 from tests.helpers import Client, eventually, make_token, unique
@@ -43,8 +45,11 @@ async def test_draining_instance_accepts_no_new_connections(make_gateway) -> Non
     assert gateway.wait(15) == 0
 
 
-async def test_connection_open_and_close_are_logged_without_the_token(make_gateway) -> None:  # type: ignore[no-untyped-def]
-    gateway = make_gateway({"GATEWAY_API_KEY": "api-key-must-not-leak-42", "LOG_LEVEL": "DEBUG"})
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_connection_open_and_close_are_logged_without_the_token(make_gateway,  # type: ignore[no-untyped-def]
+                                                                      log_format: str) -> None:
+    gateway = make_gateway({"GATEWAY_API_KEY": "api-key-must-not-leak-42", "LOG_LEVEL": "DEBUG",
+                            "LOG_FORMAT": log_format})
     user = unique()
     token = make_token(user)
     client = await gateway.connect(user, device_id="logdev", token=token)
@@ -58,13 +63,30 @@ async def test_connection_open_and_close_are_logged_without_the_token(make_gatew
     client.close()
     await eventually(lambda: "closed" in gateway.log() and user in gateway.log())
     log = gateway.log()
-    assert f"user={user}" in log and "device=logdev" in log and f"server={gateway.server_id}" in log
     assert "GET /ws" in log
     assert token not in log
     assert token.split(".")[1] not in log  # not even the claims part
     assert "api-key-must-not-leak-42" not in log
     assert "wrong-key-also-secret" not in log
     assert "token=" not in log
+    if log_format == "text":
+        assert f"user={user}" in log and "device=logdev" in log and f"server={gateway.server_id}" in log
+        return
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    opened = [line for line in lines if line.get("event") == "opened" and line.get("user") == user]
+    closed = [line for line in lines if line.get("event") == "closed" and line.get("user") == user]
+    assert len(opened) == 1 and len(closed) == 1
+    assert {k: opened[0][k] for k in ("connection", "type", "device", "platform", "server", "ip")} == {
+        "connection": client.connection_id, "type": "driver", "device": "logdev", "platform": "ios",
+        "server": gateway.server_id, "ip": "127.0.0.1"}
+    assert opened[0]["level"] == "INFO" and opened[0]["message"].startswith(f"opened {client.connection_id} user=")
+    assert {k: closed[0][k] for k in ("connection", "type", "device", "server", "reason")} == {
+        "connection": client.connection_id, "type": "driver", "device": "logdev", "server": gateway.server_id,
+        "reason": "-"}
+    assert closed[0]["code"] in (None, 1000)  # as in the text line: the client's close frame carried no code
+    assert isinstance(closed[0]["after"], float)
+    assert any(line["logger"] == "tornado_gateway.access" and "/broadcast/user/" in line["message"] for line in lines)
 
 
 async def _ready_is_not_200(gateway) -> bool:  # type: ignore[no-untyped-def]
@@ -72,3 +94,13 @@ async def _ready_is_not_200(gateway) -> bool:  # type: ignore[no-untyped-def]
         return (await gateway.http("GET", "/ready"))[0] != 200
     except OSError:
         return True
+
+
+def test_log_format_is_text_or_json() -> None:
+    from tornado_gateway.config import ConfigError, load_settings
+
+    base = {"JWT_SECRET": "a-secret-long-enough-for-the-checks-0123456789"}
+    assert load_settings(base).log_format == "text"
+    assert load_settings({**base, "LOG_FORMAT": "JSON"}).log_format == "json"
+    with pytest.raises(ConfigError, match="LOG_FORMAT"):
+        load_settings({**base, "LOG_FORMAT": "xml"})

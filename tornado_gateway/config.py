@@ -23,6 +23,7 @@ from .forwarded import parse_networks
 
 MEMORY_URL = "memory://"
 DEV_JWT_SECRET = "dev-insecure-secret-do-not-use-in-production"
+LOG_FIELDS = "gateway_fields"  # LogRecord attribute: a log line's own fields, for LOG_FORMAT=json
 SUPPORTED_ALGORITHMS = frozenset({"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"})
 
 
@@ -59,6 +60,7 @@ class Settings:
     probe_interval_s: float = 2.0  # the subscriber self-probe (PROTOCOL.md 7.4); 0 turns it off
     probe_timeout_s: float = 5.0  # a probe not back by then: /ready 503, subscriber connection replaced
     log_level: str = "INFO"
+    log_format: str = "text"  # text, or json: one JSON object per line (main.JsonFormatter)
     # Abuse limits (0 disables a limit).
     rate_limit_per_s: float = 20.0  # inbound messages per connection, sustained
     rate_limit_burst: int = 40
@@ -114,6 +116,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "probe_interval_s": (float, "PROBE_INTERVAL"),
     "probe_timeout_s": (float, "PROBE_TIMEOUT"),
     "log_level": (str, "LOG_LEVEL"),
+    "log_format": (str, "LOG_FORMAT"),
     "rate_limit_per_s": (float, "RATE_LIMIT_PER_SECOND"),
     "rate_limit_burst": (int, "RATE_LIMIT_BURST"),
     "rate_limit_close_after": (int, "RATE_LIMIT_CLOSE_AFTER"),
@@ -198,6 +201,7 @@ def _normalise(values: dict[str, Any]) -> dict[str, Any]:
         if isinstance(listed, str):
             values[name] = tuple(a.strip() for a in listed.split(",") if a.strip())
     values["log_level"] = str(values.get("log_level", "INFO")).upper()
+    values["log_format"] = str(values.get("log_format", "text")).strip().lower()
     return values
 
 
@@ -254,6 +258,8 @@ def validate(settings: Settings) -> None:
         parse_networks(settings.trusted_proxies)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError("LOG_FORMAT must be text or json")
     if settings.event_loop not in ("auto", "asyncio", "uvloop"):
         raise ConfigError("EVENT_LOOP must be auto, asyncio or uvloop")
     if min(settings.rate_limit_per_s, settings.rate_limit_burst, settings.connect_rate_per_ip,

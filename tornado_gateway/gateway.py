@@ -29,7 +29,7 @@ from .auth import Identity, Resume, TokenVerifier
 from .backoff import Backoff
 from .bus import Bus, BusUnavailable
 from .catchup import CatchUp
-from .config import Settings
+from .config import LOG_FIELDS, Settings
 from .connection import Connection, Transport
 from .errors import CloseCode, ErrorCode, GatewayError, ValidationError, close_reason_name
 from .flow import FlowControl, coalesce_key
@@ -150,7 +150,7 @@ class Gateway:
         self.heartbeats.start()
         housekeeping_ms = min(self.settings.instance_ttl_s / 3.0, 5.0) * 1000.0
         self._timers = [PeriodicCallback(self._housekeeping, housekeeping_ms),
-                        PeriodicCallback(self.metrics.flush, METRICS_FLUSH_MS)]
+                        PeriodicCallback(self.flush_metrics, METRICS_FLUSH_MS)]
         for timer in self._timers:
             timer.start()
         gc.collect()
@@ -183,7 +183,7 @@ class Gateway:
         except Exception:
             log.warning("could not deregister from Redis; peers will reap this instance", exc_info=True)
         await self.bus.stop()
-        self.metrics.flush()
+        self.flush_metrics()  # the last gauges say 0 connections: the instance's lines end at 0
 
     # --- connections --------------------------------------------------------------------------
 
@@ -257,7 +257,10 @@ class Gateway:
         self.metrics.incr(m.CONNECTIONS_OPENED)
         log.info("opened %s user=%s type=%s device=%s platform=%s server=%s ip=%s", conn.connection_id,
                  identity.user_id, identity.user_type, identity.device_id, identity.platform, self.server_id,
-                 conn.remote_ip)
+                 conn.remote_ip, extra={LOG_FIELDS: {
+                     "event": "opened", "connection": conn.connection_id, "user": identity.user_id,
+                     "type": identity.user_type, "device": identity.device_id, "platform": identity.platform,
+                     "server": self.server_id, "ip": conn.remote_ip}})
 
     async def _history_opening(self, conn: Connection, resume: Resume | None) -> Opening:
         """Read after the subscription is live: whatever is recorded later arrives live (held until
@@ -385,9 +388,13 @@ class Gateway:
             self.bus.unsubscribe_user(conn.identity.user_id)
         self.metrics.incr(m.CONNECTIONS_CLOSED.format(reason=close_reason_name(conn.close_code)))
         ident = conn.identity
+        after = time.time() - conn.opened_at
         log.info("closed %s user=%s type=%s device=%s server=%s code=%s reason=%s after=%.1fs",
                  conn.connection_id, ident.user_id, ident.user_type, ident.device_id, self.server_id,
-                 conn.close_code, conn.close_reason or "-", time.time() - conn.opened_at)
+                 conn.close_code, conn.close_reason or "-", after, extra={LOG_FIELDS: {
+                     "event": "closed", "connection": conn.connection_id, "user": ident.user_id,
+                     "type": ident.user_type, "device": ident.device_id, "server": self.server_id,
+                     "code": conn.close_code, "reason": conn.close_reason or "-", "after": round(after, 1)}})
         return last_local
 
     async def _unregister_presence(self, conn: Connection, *, last_local: bool) -> None:
@@ -486,8 +493,9 @@ class Gateway:
             else:
                 continue
             sent += 1
-        self.metrics.incr(m.MESSAGES_OUT.format(type=kind), sent)
-        self.metrics.timing(m.DELIVERY_MS.format(type=kind), now_ms() - record.timestamp)
+        if sent:
+            self.metrics.incr(m.MESSAGES_OUT.format(type=kind), sent)
+            self.metrics.timing(m.DELIVERY_MS.format(type=kind), now_ms() - record.timestamp)
 
     def _record_frame(self, record: Record) -> tuple[bytes, str] | None:
         try:
@@ -658,14 +666,20 @@ class Gateway:
                 "uniqueUsers": self.hub.unique_users, "byUserType": self.hub.by_user_type(),
                 "uptime": uptime_s(self.started_at)}
 
+    def flush_metrics(self) -> None:
+        """Once a second: this instance's gauges (sent every flush, so a StatsD with `deleteGauges`
+        drops an instance's lines within a flush of its death), then everything aggregated."""
+        gauge, hub = self.metrics.gauge, self.hub
+        gauge(m.CONNECTIONS_TOTAL, len(hub))
+        gauge(m.USERS_UNIQUE, hub.unique_users)
+        for user_type, count in hub.by_user_type().items():
+            gauge(m.CONNECTIONS_ACTIVE.format(user_type=user_type), count)
+        self.metrics.flush()
+
     async def _housekeeping(self) -> None:
         freeze_survivors()
         self.connect_limiter.prune(time.monotonic())
         stats = self.stats()
-        self.metrics.gauge(m.CONNECTIONS_TOTAL, stats["totalConnections"])
-        self.metrics.gauge(m.USERS_UNIQUE, stats["uniqueUsers"])
-        for user_type, count in stats["byUserType"].items():
-            self.metrics.gauge(m.CONNECTIONS_ACTIVE.format(user_type=user_type), count)
         try:
             await self.bus.ping()
             key_was_there = await self.presence.publish_server(stats)
@@ -674,6 +688,8 @@ class Gateway:
                 self.request_resync()
             self._published = True
             await self.presence.reap_dead_servers()
+            await self.presence.sweep_users()
+            self.metrics.gauge(m.CLUSTER_USERS_UNIQUE, await self.presence.unique_users())
         except Exception as exc:  # noqa: BLE001 - Redis down: /ready says so, retried next tick
             log.warning("housekeeping skipped: %s", exc)
 

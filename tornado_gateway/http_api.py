@@ -6,6 +6,7 @@ traceback. The API key is compared in constant time and never logged.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -136,13 +137,16 @@ class ClusterStatsHandler(ApiHandler):
         try:
             own = self.gateway.stats()
             # Our own figures fresh, the others' as of their last refresh; no Redis write per request.
-            others = [s for s in await self.gateway.presence.cluster() if s["serverId"] != own["serverId"]]
+            # Distinct users come from the presence users set (one SCARD), not from the instances' sums.
+            presence = self.gateway.presence
+            listed, unique_users = await asyncio.gather(presence.cluster(), presence.unique_users())
+            others = [s for s in listed if s["serverId"] != own["serverId"]]
             servers = sorted([own, *others], key=lambda s: s["serverId"])
         except Exception as exc:  # noqa: BLE001 - report, do not crash, when Redis is down
             log.warning("cluster stats unavailable: %s", exc)
             self.send_error_json(503, ErrorCode.UNAVAILABLE, "Redis is unavailable")
             return
-        self.send_json(200, sum_cluster(servers))
+        self.send_json(200, sum_cluster(servers, unique_users))
 
 
 class HealthHandler(ApiHandler):

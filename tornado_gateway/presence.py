@@ -87,15 +87,16 @@ def is_newer(entry: PresenceEntry, stamp: int, connection_id: str) -> bool:
     return theirs > stamp or (theirs == stamp and str(entry.get("connectionId", "")) > connection_id)
 
 
-def sum_cluster(servers: list[ServerStats]) -> ClusterStats:
-    """Sums per instance. uniqueUsers is the sum too: a user on two instances counts twice."""
+def sum_cluster(servers: list[ServerStats], unique_users: int) -> ClusterStats:
+    """Sums per instance, except uniqueUsers: the cluster's distinct users (`Presence.unique_users`),
+    since a user with devices on two instances is one user, not two."""
     by_type: dict[UserType, int] = dict.fromkeys(USER_TYPES, 0)
     for server in servers:
         for user_type in USER_TYPES:
             by_type[user_type] += server["byUserType"].get(user_type, 0)
     return {
         "totalConnections": sum(s["totalConnections"] for s in servers),
-        "uniqueUsers": sum(s["uniqueUsers"] for s in servers),
+        "uniqueUsers": unique_users,
         "byUserType": by_type,
         "uptime": max((s["uptime"] for s in servers), default=0),
         "servers": servers,
@@ -123,6 +124,12 @@ class Presence(Protocol):
         """Deregister this instance and every entry it owns (graceful shutdown)."""
 
     async def cluster(self) -> list[ServerStats]: ...
+
+    async def unique_users(self) -> int:
+        """Distinct users with at least one device registered anywhere in the cluster (O(1))."""
+
+    async def sweep_users(self) -> None:
+        """One bounded step of repairing the distinct-users count (called every housekeeping tick)."""
 
     async def reap_dead_servers(self) -> list[str]:
         """Remove the entries of instances whose live key expired; returns their ids."""
@@ -177,6 +184,12 @@ class MemoryPresence:
 
     async def cluster(self) -> list[ServerStats]:
         return [self._stats] if self._stats is not None else []
+
+    async def unique_users(self) -> int:
+        return len(self._entries)
+
+    async def sweep_users(self) -> None:
+        return None
 
     async def reap_dead_servers(self) -> list[str]:
         return []

@@ -4,6 +4,19 @@ Register and unregister are Lua scripts so that "who owned this device before"
 and "only delete the entry if it is still mine" are decided atomically: without
 that, a replaced connection closing on instance A would delete the entry the
 new connection on instance B just wrote.
+
+The same scripts keep `gateway:users`, the set of users that have a presence hash:
+a user joins it with the hash's first entry and leaves it when the hash's last
+entry goes, in the same atomic step, whoever removes the entry (the instance
+itself, its resync, or a survivor reaping a dead instance). So SCARD is the
+number of distinct users in the cluster, in O(1), and it is exactly as true as
+presence itself: a killed instance's users stay counted until its entries are
+reaped (INSTANCE_TTL). A slow sweep (`sweep_users`, a page per housekeeping
+tick) removes members whose hash is gone some other way (a release before this
+set existed removing entries during a rolling upgrade, a key deleted by hand).
+Why a set: a HyperLogLog cannot forget a user who left, and a counter kept with
+INCR/DECR, once wrong, has nothing to be checked against; a set costs one member
+per online user (as the presence hashes do) and can be repaired member by member.
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ from .resp import PipelinedClient, RedisReplyError, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
-# KEYS: presence hash, server users set.
+# KEYS: presence hash, server users set, users set.
 # ARGV: deviceId, entry JSON, userId, max devices (0: no cap), stamp, connectionId.
 # Returns {'limit'}, {'newer', entry} (a newer connection owns the device: nothing written) or {'ok', displaced|nil}.
 REGISTER = """
@@ -48,10 +61,11 @@ elseif tonumber(ARGV[4]) > 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[3])
 return {'ok', old}
 """
 
-# KEYS: presence hash, server users set. ARGV: deviceId, connectionId, userId, last_local (1/0).
+# KEYS: presence hash, server users set, users set. ARGV: deviceId, connectionId, userId, last_local (1/0).
 UNREGISTER = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
@@ -59,10 +73,11 @@ if cur then
   if ok and entry['connectionId'] == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
 end
 if ARGV[4] == '1' then redis.call('SREM', KEYS[2], ARGV[3]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[3], ARGV[3]) end
 return 1
 """
 
-# KEYS: presence hash, server users set.
+# KEYS: presence hash, server users set, users set.
 # ARGV: serverId, userId, pass start stamp, connectionIds this instance holds for the user.
 # Removes the instance's entries for connections it no longer holds and that were opened before the pass
 # started (a registration that lands during the pass is never pruned); forgets the user when nothing is left.
@@ -83,10 +98,11 @@ for i = 1, #fields, 2 do
   end
 end
 if mine == 0 and #ARGV == 3 then redis.call('SREM', KEYS[2], ARGV[2]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[3], ARGV[2]) end
 return mine
 """
 
-# KEYS: presence hash. ARGV: serverId. Removes every device entry owned by that instance.
+# KEYS: presence hash, users set. ARGV: serverId, userId. Removes every device entry owned by that instance.
 PURGE_SERVER = """
 local fields = redis.call('HGETALL', KEYS[1])
 local removed = 0
@@ -96,10 +112,22 @@ for i = 1, #fields, 2 do
     redis.call('HDEL', KEYS[1], fields[i]); removed = removed + 1
   end
 end
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[2]) end
 return removed
 """
 
+# KEYS: users set. ARGV: SSCAN cursor, page size, presence key prefix (`gateway:presence:`).
+# One page of the users set: members whose presence hash is gone are removed. Returns the next cursor.
+SWEEP_USERS = """
+local page = redis.call('SSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+for _, user in ipairs(page[2]) do
+  if redis.call('EXISTS', ARGV[3] .. user) == 0 then redis.call('SREM', KEYS[1], user) end
+end
+return page[1]
+"""
+
 RESYNC_BATCH = 1000  # commands in flight at once: bounded memory with 100,000 connections to rewrite
+SWEEP_PAGE = 500  # users set members checked per housekeeping tick
 _STAT_FIELDS = ("totalConnections", "uniqueUsers", *USER_TYPES)
 
 
@@ -125,12 +153,15 @@ class RedisPresence:
         self._server_id = server_id
         self._ttl_ms = int(instance_ttl_s * 1000)
         self._purge = redis.register_script(PURGE_SERVER)
+        self._sweep = redis.register_script(SWEEP_USERS)
+        self._sweep_cursor = b"0"
 
     async def register(self, conn: Connection, *, max_devices: int = 0) -> Registration:
         ident = conn.identity
         try:
             reply = await self._commands.evalsha(
-                self._register_sha, [self._keys.presence(ident.user_id), self._keys.server_users(self._server_id)],
+                self._register_sha, [self._keys.presence(ident.user_id), self._keys.server_users(self._server_id),
+                                     self._keys.users()],
                 [ident.device_id, dumps(presence_entry(conn, self._server_id)), ident.user_id, max_devices,
                  stamp_of(conn), conn.connection_id])
         except (RedisUnavailable, RedisReplyError) as exc:
@@ -146,7 +177,8 @@ class RedisPresence:
         ident = conn.identity
         try:
             await self._commands.evalsha(
-                self._unregister_sha, [self._keys.presence(ident.user_id), self._keys.server_users(self._server_id)],
+                self._unregister_sha, [self._keys.presence(ident.user_id), self._keys.server_users(self._server_id),
+                                       self._keys.users()],
                 [ident.device_id, conn.connection_id, ident.user_id, "1" if last_local else "0"])
         except (RedisUnavailable, RedisReplyError) as exc:
             raise BusUnavailable(str(exc)) from None
@@ -186,7 +218,8 @@ class RedisPresence:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for user in users:
                     user_id = user.decode() if isinstance(user, bytes) else str(user)
-                    await self._purge(keys=[self._keys.presence(user_id)], args=[server_id], client=pipe)
+                    await self._purge(keys=[self._keys.presence(user_id), self._keys.users()],
+                                      args=[server_id, user_id], client=pipe)
                 await pipe.execute()
             if cursor == 0:
                 break
@@ -211,6 +244,14 @@ class RedisPresence:
             if row:
                 servers.append(_stats_from_hash(server_id, row, now))
         return servers
+
+    async def unique_users(self) -> int:
+        return int(await self._redis.scard(self._keys.users()))
+
+    async def sweep_users(self) -> None:
+        cursor = await self._sweep(keys=[self._keys.users()],
+                                   args=[self._sweep_cursor, SWEEP_PAGE, self._keys.presence("")])
+        self._sweep_cursor = cursor if isinstance(cursor, bytes) else str(cursor).encode()
 
     async def reap_dead_servers(self) -> list[str]:
         ids = await self._server_ids()
@@ -260,7 +301,8 @@ class RedisPresence:
 
     async def _prune(self, user_id: str, started_us: int, connection_ids: list[str]) -> None:
         await self._commands.evalsha(
-            self._prune_sha, [self._keys.presence(user_id), self._keys.server_users(self._server_id)],
+            self._prune_sha, [self._keys.presence(user_id), self._keys.server_users(self._server_id),
+                              self._keys.users()],
             [self._server_id, user_id, started_us, *connection_ids])
 
 

@@ -20,6 +20,11 @@ class Keys:
     def server(self, server_id: str) -> str:
         return f"{self.prefix}:server:{server_id}"
 
+    def users(self) -> str:
+        """Addition to the contract: the set of userIds with at least one entry in presence, kept by the
+        same scripts that write the presence hashes (so SCARD is the cluster's distinct users)."""
+        return f"{self.prefix}:users"
+
     def server_users(self, server_id: str) -> str:
         """Addition to the contract: the users with a device on that instance, for dead-instance cleanup."""
         return f"{self.prefix}:server:{server_id}:users"

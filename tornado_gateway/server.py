@@ -136,7 +136,7 @@ def announce(settings: Settings, embedded: bool) -> None:
 
 async def serve(settings: Settings) -> None:
     raise_file_limit()
-    metrics = Metrics(settings.statsd_host, settings.statsd_port, settings.statsd_prefix)
+    metrics = Metrics(settings.statsd_host, settings.statsd_port, settings.statsd_prefix, instance=settings.server_id)
     presence, bus, history, redis = await build_backends(settings, metrics)
     gateway = Gateway(settings, presence, bus, metrics, history)
     await gateway.start()
