@@ -1,33 +1,13 @@
 // Tokens against a real gateway (TOKEN_EXPIRY_GRACE 1 s): in-band refresh before `exp`, a fresh
 // token after 4401, and what happens to a static token that expires.
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
-
-import { GatewayClient, tokenExpiresAt } from "../index.js";
-import { clientOptions, Gateway, mintToken, Recorder, Redis, sleep, unique, uniquePrefix } from "./helpers.js";
-
-const prefix = uniquePrefix();
-let gateway: Gateway;
-const clients: GatewayClient[] = [];
-
-function newClient(userId: string, overrides: Parameters<typeof clientOptions>[2] = {}): [GatewayClient, Recorder] {
-  const client = new GatewayClient(clientOptions(gateway.url, userId, overrides));
-  clients.push(client);
-  return [client, new Recorder(client)];
-}
+import { describe, test } from "node:test";
+import { tokenExpiresAt } from "../index.js";
+import { GatewaySuite, mintToken, sleep, unique } from "./helpers.js";
 
 describe("tokens (real gateway)", { timeout: 60_000 }, () => {
-  before(async () => {
-    gateway = await Gateway.start(prefix, { TOKEN_EXPIRY_GRACE: "1" });
-  });
-
-  after(async () => {
-    await Promise.all(clients.map((c) => c.close()));
-    await gateway?.stop();
-    const redis = await Redis.connect();
-    await redis.cleanup(prefix);
-    redis.close();
-  });
+  const suite = new GatewaySuite({ TOKEN_EXPIRY_GRACE: "1" });
+  const newClient = suite.newClient.bind(suite);
 
   test("a short-lived token is refreshed in-band (token_refresh): the connection outlives several exps", { timeout: 20_000 }, async () => {
     const userId = unique("refresh");

@@ -1,45 +1,15 @@
 // Against a real gateway (HEARTBEAT_INTERVAL 0.5 s, HEARTBEAT_TIMEOUT 2 s): heartbeats, typed
 // sends with acks and errors, replacement (4409), a silent socket, close().
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
-
-import { GatewayClient, GatewayError } from "../index.js";
-import {
-  clientOptions,
-  FreezableProxy,
-  Gateway,
-  Recorder,
-  Redis,
-  sleep,
-  unique,
-  uniquePrefix,
-  waitFor,
-} from "./helpers.js";
-
-const prefix = uniquePrefix();
-let gateway: Gateway;
-const clients: GatewayClient[] = [];
-
-function newClient(userId: string, overrides: Parameters<typeof clientOptions>[2] = {}): [GatewayClient, Recorder] {
-  const client = new GatewayClient(clientOptions(gateway.url, userId, overrides));
-  clients.push(client);
-  return [client, new Recorder(client)];
-}
+import { describe, test } from "node:test";
+import { GatewayError } from "../index.js";
+import { FreezableProxy, GatewaySuite, sleep, unique, waitFor } from "./helpers.js";
 
 const location = () => ({ latitude: 12.97, longitude: 77.59, timestamp: Date.now(), heading: 90 });
 
 describe("connection (real gateway)", { timeout: 60_000 }, () => {
-  before(async () => {
-    gateway = await Gateway.start(prefix);
-  });
-
-  after(async () => {
-    await Promise.all(clients.map((c) => c.close()));
-    await gateway?.stop();
-    const redis = await Redis.connect();
-    await redis.cleanup(prefix);
-    redis.close();
-  });
+  const suite = new GatewaySuite();
+  const newClient = suite.newClient.bind(suite);
 
   test("answers heartbeats by itself and stays connected past the heartbeat timeout", { timeout: 15_000 }, async () => {
     const [client, recorder] = newClient(unique("hb"));
@@ -104,7 +74,7 @@ describe("connection (real gateway)", { timeout: 60_000 }, () => {
   });
 
   test("a socket that goes silent is detected within about two heartbeats and replaced", { timeout: 15_000 }, async () => {
-    const proxy = await new FreezableProxy(gateway.port).start();
+    const proxy = await new FreezableProxy(suite.gateway.port).start();
     try {
       const [client, recorder] = newClient(unique("silent"), { url: proxy.url });
       const first = await client.connect();
@@ -133,8 +103,8 @@ describe("connection (real gateway)", { timeout: 60_000 }, () => {
     await sleep(300);
     assert.equal(recorder.of("connecting").length, 1);
     await waitFor("no connection of that user on the gateway", async () => {
-      const stats = await gateway.stats();
-      return stats.totalConnections <= clients.filter((c) => c.state === "connected").length;
+      const stats = await suite.gateway.stats();
+      return stats.totalConnections <= suite.clients.filter((c) => c.state === "connected").length;
     });
   });
 });

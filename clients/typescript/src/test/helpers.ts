@@ -7,7 +7,8 @@ import { existsSync } from "node:fs";
 import net from "node:net";
 import { fileURLToPath } from "node:url";
 
-import type { ClientEvents, GatewayClient, GatewayClientOptions, GatewayEvents } from "../index.js";
+import { after, before } from "node:test";
+import { type ClientEvents, GatewayClient, type GatewayClientOptions, type GatewayEvents } from "../index.js";
 
 /** The repository (clients/typescript/dist/test/ is four levels down); TSDK_REPO_ROOT overrides it. */
 export const REPO_ROOT = process.env["TSDK_REPO_ROOT"] ?? fileURLToPath(new URL("../../../../", import.meta.url));
@@ -404,4 +405,39 @@ export function clientOptions(
     backoff: { baseMs: 100, capMs: 1_000 },
     ...overrides,
   };
+}
+
+/**
+ * A real gateway for the tests of one describe() block (call it inside the block): started before
+ * them with its own Redis prefix; afterwards every client made with `newClient` is closed, the
+ * gateway stopped and the prefix's keys removed.
+ */
+export class GatewaySuite {
+  readonly prefix = uniquePrefix();
+  readonly clients: GatewayClient[] = [];
+  #gateway: Gateway | undefined;
+
+  constructor(env: Record<string, string> = {}) {
+    before(async () => {
+      this.#gateway = await Gateway.start(this.prefix, env);
+    });
+    after(async () => {
+      await Promise.all(this.clients.map((c) => c.close()));
+      await this.#gateway?.stop();
+      const redis = await Redis.connect();
+      await redis.cleanup(this.prefix);
+      redis.close();
+    });
+  }
+
+  get gateway(): Gateway {
+    if (this.#gateway === undefined) throw new Error("the gateway starts in before()");
+    return this.#gateway;
+  }
+
+  newClient(userId: string, overrides: Parameters<typeof clientOptions>[2] = {}): [GatewayClient, Recorder] {
+    const client = new GatewayClient(clientOptions(this.gateway.url, userId, overrides));
+    this.clients.push(client);
+    return [client, new Recorder(client)];
+  }
 }
