@@ -222,10 +222,13 @@ def host_address() -> str | None:
     return None
 
 
-def post_from(source: str, port: int, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def post_from(source: str, port: int, path: str, body: dict[str, Any],
+              headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     data = json.dumps(body).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as sock:
-        sock.sendall(f"POST {path} HTTP/1.0\r\nHost: gateway\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        sock.sendall(f"POST {path} HTTP/1.0\r\nHost: gateway\r\nContent-Length: {len(data)}\r\n{extra}\r\n".encode()
+                     + data)
         response = b""
         while chunk := sock.recv(4096):
             response += chunk
@@ -244,10 +247,32 @@ async def test_broadcast_through_the_proxy_without_a_key_is_refused(nginx: Nginx
     assert (status, reply["error"]) == (403, "FORBIDDEN")
 
 
-async def test_broadcast_through_the_proxy_for_a_loopback_client_is_accepted(nginx: Nginx) -> None:
+async def test_broadcast_from_the_proxy_host_through_the_proxy_is_refused(nginx: Nginx) -> None:
     body = {"type": "notification", "payload": {"title": "t", "body": "b"}}
     status, _ = await asyncio.to_thread(post_from, "127.0.0.1", nginx.port, f"/broadcast/user/{unique('lb')}", body)
-    assert status == 202  # the trusted proxy says its client is loopback (an operator on the proxy host)
+    assert status == 403  # the chain names only the trusted proxy's own address: no client is vouched for
+
+
+@pytest.mark.parametrize("forged", ["Forwarded: for=127.0.0.1", "Forwarded: for=unknown", "Forwarded: proto=https",
+                                    "X-Real-IP: 127.0.0.1", "X-Forwarded-For: 127.0.0.1"])
+async def test_forged_forwarding_headers_through_the_proxy_cannot_open_broadcast(nginx: Nginx, forged: str) -> None:
+    source = host_address()
+    if source is None:
+        pytest.skip("this host has no non-loopback IPv4 address to act as a remote client")
+    name, value = forged.split(": ", 1)
+    body = {"type": "notification", "payload": {"title": "t", "body": "b"}}
+    status, reply = await asyncio.to_thread(post_from, source, nginx.port, f"/broadcast/user/{unique('lb')}", body,
+                                            {name: value})
+    assert (status, reply["error"]) == (403, "FORBIDDEN")
+
+
+async def test_a_forged_forwarded_header_does_not_escape_the_per_ip_limit(nginx: Nginx) -> None:
+    user = unique("lb")
+    attempts = BURST * 2 + 10
+    frames = [await asyncio.to_thread(upgrade_from, "127.0.0.6", nginx.port, user,
+                                      {"Forwarded": f"for=198.18.0.{n}"}) for n in range(attempts)]
+    refused = [f for f in frames if f["type"] == "error" and f["payload"]["code"] == "RATE_LIMITED"]
+    assert len(refused) >= attempts - BURST * 2
 
 
 async def test_the_token_can_travel_as_a_subprotocol_and_stays_out_of_the_access_log(nginx: Nginx) -> None:

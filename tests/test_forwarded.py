@@ -60,8 +60,9 @@ def test_the_client_is_the_right_most_address_that_is_not_a_trusted_proxy() -> N
     assert resolve("10.0.0.1", ("X-Forwarded-For", chain)).ip == "203.0.113.9"
 
 
-def test_a_chain_of_only_trusted_proxies_gives_the_left_most() -> None:
-    assert resolve("10.0.0.1", ("X-Forwarded-For", "10.0.0.7, 10.0.0.8")).ip == "10.0.0.7"
+def test_a_chain_of_only_trusted_proxies_names_no_client() -> None:
+    assert resolve("10.0.0.1", ("X-Forwarded-For", "10.0.0.7, 10.0.0.8")) == \
+        ClientAddress("10.0.0.7", proxied=True, trusted=False)
 
 
 def test_tornado_headers_work_too() -> None:
@@ -74,18 +75,35 @@ def test_repeated_forwarded_for_headers_are_one_chain() -> None:
     assert client.ip == "203.0.113.9"
 
 
-def test_rfc_7239_forwarded_wins_over_x_forwarded_for() -> None:
+def test_only_the_configured_header_is_believed() -> None:
+    forged = ("Forwarded", "for=127.0.0.1")  # a client's own header, passed on by a proxy that sets XFF
+    assert resolve("127.0.0.1", forged, ("X-Forwarded-For", "203.0.113.9")).ip == "203.0.113.9"
+    assert resolve("127.0.0.1", forged) == ClientAddress("127.0.0.1", proxied=True, trusted=False)
+
+
+def test_a_forged_header_the_proxy_does_not_set_never_makes_a_loopback_caller() -> None:
+    for forged in (("Forwarded", "for=127.0.0.1"), ("Forwarded", "for=unknown"), ("Forwarded", "proto=https"),
+                   ("X-Real-IP", "127.0.0.1")):
+        assert broadcast_refusal(None, resolve("127.0.0.1", forged), None) is not None, forged
+
+
+def test_rfc_7239_forwarded_when_configured() -> None:
+    proxies = TrustedProxies(PROXIES.networks, "forwarded")
     client = resolve("10.0.0.1", ("Forwarded", 'for=192.0.2.60;proto=https;by=10.0.0.1, for="10.0.0.2"'),
-                     ("X-Forwarded-For", "203.0.113.9"))
+                     ("X-Forwarded-For", "203.0.113.9"), proxies=proxies)
     assert client.ip == "192.0.2.60"
 
 
 def test_forwarded_ipv6_with_port_in_brackets() -> None:
-    assert resolve("10.0.0.1", ("Forwarded", 'For="[2001:db8:cafe::17]:4711"')).ip == "2001:db8:cafe::17"
+    proxies = TrustedProxies(PROXIES.networks, "Forwarded")
+    assert resolve("10.0.0.1", ("Forwarded", 'For="[2001:db8:cafe::17]:4711"'), proxies=proxies).ip == \
+        "2001:db8:cafe::17"
 
 
-def test_x_real_ip_is_used_when_it_is_the_only_header() -> None:
-    assert resolve("127.0.0.1", ("X-Real-IP", "203.0.113.9")).ip == "203.0.113.9"
+def test_x_real_ip_when_configured() -> None:
+    proxies = TrustedProxies(PROXIES.networks, "X-Real-IP")
+    assert resolve("127.0.0.1", ("X-Real-IP", "203.0.113.9"), ("X-Forwarded-For", "1.1.1.1"), proxies=proxies).ip == \
+        "203.0.113.9"
 
 
 def test_ipv6_peer_and_hops() -> None:
@@ -96,9 +114,12 @@ def test_ipv4_with_a_port_and_ipv4_mapped_ipv6() -> None:
     assert resolve("::ffff:127.0.0.1", ("X-Forwarded-For", "203.0.113.9:50123")).ip == "203.0.113.9"
 
 
-def test_an_unknown_or_obfuscated_hop_ends_the_walk_at_the_last_trusted_proxy() -> None:
-    assert resolve("10.0.0.1", ("Forwarded", "for=unknown")).ip == "10.0.0.1"
-    assert resolve("10.0.0.1", ("X-Forwarded-For", "203.0.113.9, _hidden, 10.0.0.4")).ip == "10.0.0.4"
+def test_an_unknown_or_obfuscated_hop_ends_the_walk_at_the_last_trusted_proxy_unvouched() -> None:
+    proxies = TrustedProxies(PROXIES.networks, "Forwarded")
+    assert resolve("10.0.0.1", ("Forwarded", "for=unknown"), proxies=proxies) == \
+        ClientAddress("10.0.0.1", proxied=True, trusted=False)
+    assert resolve("10.0.0.1", ("X-Forwarded-For", "203.0.113.9, _hidden, 10.0.0.4")) == \
+        ClientAddress("10.0.0.4", proxied=True, trusted=False)
 
 
 @pytest.mark.parametrize("value", ["", " , ,", "not an address", "999.1.1.1", "[::1", "for=", "\x00",
@@ -111,7 +132,7 @@ def test_malformed_headers_give_a_clear_result(value: str) -> None:
 @given(st.text(max_size=200))
 def test_no_header_value_raises(value: str) -> None:
     for name in ("Forwarded", "X-Forwarded-For", "X-Real-IP"):
-        client = PROXIES.resolve("127.0.0.1", headers((name, value)))
+        client = TrustedProxies(PROXIES.networks, name).resolve("127.0.0.1", headers((name, value)))
         assert client.ip
 
 
@@ -127,6 +148,12 @@ def test_trusted_proxies_setting_is_checked_at_start() -> None:
         ("10.0.0.0/8", "127.0.0.1", "::1")
     with pytest.raises(ConfigError, match="TRUSTED_PROXIES: 'nginx' is not an IP address or CIDR"):
         load_settings({"TRUSTED_PROXIES": "nginx"}, dev=True)
+
+
+def test_forwarded_header_setting_is_one_of_three() -> None:
+    assert load_settings({"FORWARDED_HEADER": "forwarded"}, dev=True).forwarded_header == "forwarded"
+    with pytest.raises(ConfigError, match="FORWARDED_HEADER must be one of X-Forwarded-For, Forwarded, X-Real-IP"):
+        load_settings({"FORWARDED_HEADER": "X-Client-IP"}, dev=True)
 
 
 def test_broadcast_without_a_key_is_for_direct_loopback_callers() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from tornado.options import Error as OptionsError
 from tornado.options import OptionParser
 
-from .forwarded import parse_networks
+from .forwarded import header_name, parse_networks
 
 MEMORY_URL = "memory://"
 DEV_JWT_SECRET = "dev-insecure-secret-do-not-use-in-production"
@@ -73,7 +73,8 @@ class Settings:
     socket_sndbuf: int = 0  # SO_SNDBUF per client socket; 0 leaves the kernel's autotuning
     token_expiry_grace_s: float = 30.0
     allowed_origins: tuple[str, ...] = ()
-    trusted_proxies: tuple[str, ...] = ()  # addresses/CIDRs whose forwarding headers are believed
+    trusted_proxies: tuple[str, ...] = ()  # addresses/CIDRs whose forwarding header is believed
+    forwarded_header: str = "X-Forwarded-For"  # the one header they set: X-Forwarded-For, Forwarded or X-Real-IP
     compression: bool = False
     event_loop: str = "auto"  # auto (uvloop when installed), asyncio, uvloop
     dev: bool = False
@@ -129,6 +130,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "token_expiry_grace_s": (float, "TOKEN_EXPIRY_GRACE"),
     "allowed_origins": (str, "ALLOWED_ORIGINS"),
     "trusted_proxies": (str, "TRUSTED_PROXIES"),
+    "forwarded_header": (str, "FORWARDED_HEADER"),
     "compression": (bool, "COMPRESSION"),
     "event_loop": (str, "EVENT_LOOP"),
 }
@@ -256,6 +258,7 @@ def validate(settings: Settings) -> None:
         raise ConfigError("PROCESSES must be at least 1")
     try:
         parse_networks(settings.trusted_proxies)
+        header_name(settings.forwarded_header)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if settings.log_format not in ("text", "json"):

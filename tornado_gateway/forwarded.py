@@ -1,15 +1,18 @@
 """The client's real address behind trusted proxies (`TRUSTED_PROXIES`); pure, no I/O.
 
-Forwarding headers are honoured only when the direct peer is a trusted proxy; then the client is
-the right-most address of the chain that is not itself a trusted proxy (each proxy appends the
-address it saw, so everything left of the last untrusted hop may be forged). This is the rule of
-uvicorn's `--forwarded-allow-ips` and gunicorn's `forwarded_allow_ips`. Tornado's own `xheaders`
-option is not used: it believes the headers of any peer, has no CIDRs and ignores RFC 7239's
-`Forwarded`.
+One forwarding header is believed, the one the proxies set (`FORWARDED_HEADER`: `X-Forwarded-For`
+by default, or RFC 7239's `Forwarded`, or `X-Real-IP`), and only when the direct peer is a trusted
+proxy. A proxy passes on the headers it does not set itself, so believing any other header would
+let a client write its own address. In the chain, the client is the right-most address that is not
+itself a trusted proxy (each proxy appends the address it saw, so everything left of the last
+untrusted hop may be forged): the rule of uvicorn's `--forwarded-allow-ips` and gunicorn's
+`forwarded_allow_ips`. Tornado's own `xheaders` option is not used: it believes the headers of any
+peer, has no CIDRs and ignores `Forwarded`.
 
-Precedence when several are present: `Forwarded`, then `X-Forwarded-For`, then `X-Real-IP`. A hop
-that is not an address (`unknown`, an obfuscated `_name`, garbage) ends the walk: the client is then
-the last trusted hop, never an exception.
+A hop that is not an address (`unknown`, an obfuscated `_name`, garbage) ends the walk, and so does
+a chain of trusted proxies only: then no client is named, the address used is the last trusted hop,
+and the request is not vouched for (`trusted` false: it never counts as a loopback caller). Never
+an exception.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Final, Protocol
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-FORWARDING_HEADERS: Final = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+FORWARDING_HEADERS: Final = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 _FOR = re.compile(r'(?:^|;)\s*for\s*=\s*("[^"]*"|[^;,\s]*)', re.IGNORECASE)
 
 
@@ -41,8 +44,8 @@ class Request(Protocol):
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClientAddress:
     ip: str  # what the per-IP limit, the logs and the broadcast rule use
-    proxied: bool = False  # the request carried forwarding headers
-    trusted: bool = False  # ...from a trusted proxy, so `ip` is the forwarded client's
+    proxied: bool = False  # the request carried a forwarding header (any of them)
+    trusted: bool = False  # a trusted proxy named the client: `ip` is the forwarded client's
 
 
 def parse_address(text: str) -> Address | None:
@@ -76,33 +79,41 @@ def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
     return tuple(networks)
 
 
-def forwarded_hops(headers: Headers) -> list[str] | None:
-    """The chain of client addresses the headers claim, left (origin) to right (nearest proxy);
-    None when the request carries no forwarding header."""
-    forwarded = headers.get_list("Forwarded")
-    if forwarded:
-        return [match.group(1) for element in ",".join(forwarded).split(",")
+def header_name(setting: str) -> str:
+    """`FORWARDED_HEADER` in its canonical spelling; raises ValueError for any other header."""
+    for name in FORWARDING_HEADERS:
+        if setting.strip().lower() == name.lower():
+            return name
+    raise ValueError(f"FORWARDED_HEADER must be one of {', '.join(FORWARDING_HEADERS)}; got {setting!r}")
+
+
+def forwarded_hops(headers: Headers, name: str) -> list[str]:
+    """The chain of client addresses header `name` claims, left (origin) to right (nearest proxy)."""
+    values = headers.get_list(name)
+    if name == "Forwarded":
+        return [match.group(1) for element in ",".join(values).split(",")
                 for match in [_FOR.search(element.strip())] if match]
-    forwarded_for = headers.get_list("X-Forwarded-For")
-    if forwarded_for:
-        return [hop for hop in ",".join(forwarded_for).split(",") if hop.strip()]
-    real_ip = headers.get_list("X-Real-IP")
-    if real_ip:
-        return [real_ip[-1]]
-    return None
+    if name == "X-Real-IP":
+        return values[-1:]
+    return [hop for hop in ",".join(values).split(",") if hop.strip()]
+
+
+def is_proxied(headers: Headers) -> bool:
+    return any(headers.get_list(name) for name in FORWARDING_HEADERS)
 
 
 class TrustedProxies:
     """The `TRUSTED_PROXIES` setting, and the resolution of a request's client address."""
 
-    __slots__ = ("networks",)
+    __slots__ = ("networks", "header")
 
-    def __init__(self, networks: Sequence[Network] = ()) -> None:
+    def __init__(self, networks: Sequence[Network] = (), header: str = "X-Forwarded-For") -> None:
         self.networks = tuple(networks)
+        self.header = header_name(header)
 
     @classmethod
-    def parse(cls, entries: Iterable[str]) -> TrustedProxies:
-        return cls(parse_networks(entries))
+    def parse(cls, entries: Iterable[str], header: str = "X-Forwarded-For") -> TrustedProxies:
+        return cls(parse_networks(entries), header)
 
     def __bool__(self) -> bool:
         return bool(self.networks)
@@ -111,20 +122,19 @@ class TrustedProxies:
         return any(address in network for network in self.networks)
 
     def resolve(self, peer: str, headers: Headers) -> ClientAddress:
-        hops = forwarded_hops(headers)
-        if hops is None:
+        if not is_proxied(headers):
             return ClientAddress(peer)
         nearest = parse_address(peer)
         if nearest is None or not self.trusts(nearest):
             return ClientAddress(peer, proxied=True)  # forged, or a proxy nobody declared: ignored
-        for hop in reversed(hops):
+        for hop in reversed(forwarded_hops(headers, self.header)):
             address = parse_address(hop)
             if address is None:
                 break
-            nearest = address
             if not self.trusts(address):
-                break
-        return ClientAddress(str(nearest), proxied=True, trusted=True)
+                return ClientAddress(str(address), proxied=True, trusted=True)
+            nearest = address
+        return ClientAddress(str(nearest), proxied=True)  # no client named: nobody vouches for this one
 
 
 def resolve_client(request: Request, proxies: TrustedProxies) -> ClientAddress:

@@ -127,7 +127,7 @@ class Gateway:
         self.flow = FlowControl(settings.max_outbound_buffer, on_slow=self._close_slow,
                                 on_coalesced=lambda: metrics.incr(m.MESSAGES_DROPPED.format(reason="coalesced")))
         self.connect_limiter = ConnectLimiter(settings.connect_rate_per_ip, settings.connect_burst_per_ip)
-        self.proxies = TrustedProxies.parse(settings.trusted_proxies)
+        self.proxies = TrustedProxies.parse(settings.trusted_proxies, settings.forwarded_header)
         self.max_connections = settings.max_connections or max(100, file_limit() - FD_RESERVE)
         self._timers: list[PeriodicCallback] = []
         self._published = False  # the server key was written once (so a missing key means it was lost)
