@@ -24,10 +24,12 @@ so the last value is the right one and they carry no instance.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import socket
 from collections import defaultdict
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +82,30 @@ def instance_node(server_id: str) -> str:
 
 
 class _Timer:
-    __slots__ = ("count", "samples")
+    """A uniform sample of one flush's values: Li's Algorithm L (reservoir sampling with skips), so
+    that past the first MAX_TIMER_SAMPLES values most calls only count; drawing a random number for
+    every value (Algorithm R) cost 0.6 us per call against 0.2 for the old first-200 cap (timeit)."""
+
+    __slots__ = ("count", "samples", "next", "w")
 
     def __init__(self) -> None:
         self.count = 0  # events this flush; len(samples) of them are kept
         self.samples: list[float] = []
+        self.next = 0  # the count at which the next value enters the sample (once it is full)
+        self.w = 0.0
+
+    def start_skipping(self, random: Callable[[], float]) -> None:
+        self.w = math.exp(math.log(1.0 - random()) / MAX_TIMER_SAMPLES)
+        self._skip(random)
+
+    def replace(self, ms: float, random: Callable[[], float]) -> None:
+        self.samples[int(random() * MAX_TIMER_SAMPLES)] = ms
+        self.w *= math.exp(math.log(1.0 - random()) / MAX_TIMER_SAMPLES)
+        self._skip(random)
+
+    def _skip(self, random: Callable[[], float]) -> None:
+        w = min(self.w, 1.0 - 1e-12)  # 1.0 - random() may be exactly 1
+        self.next = self.count + int(math.log(1.0 - random()) / math.log(1.0 - w)) + 1
 
 
 class Metrics:
@@ -120,14 +141,13 @@ class Metrics:
         timer = self._timers.get(name)
         if timer is None:
             timer = self._timers[name] = _Timer()
-        timer.count += 1
-        samples = timer.samples
-        if len(samples) < MAX_TIMER_SAMPLES:
-            samples.append(ms)
-            return
-        slot = int(self._random() * timer.count)  # reservoir sampling: each event kept with equal chance
-        if slot < MAX_TIMER_SAMPLES:
-            samples[slot] = ms
+        count = timer.count = timer.count + 1
+        if count <= MAX_TIMER_SAMPLES:
+            timer.samples.append(ms)
+            if count == MAX_TIMER_SAMPLES:
+                timer.start_skipping(self._random)
+        elif count == timer.next:
+            timer.replace(ms, self._random)
 
     def lines(self) -> list[str]:
         """Everything since the last call, as StatsD lines (and forgets counters and timers)."""
