@@ -5,6 +5,7 @@ acked sends. A TCP proxy between client and gateway plays the network (freeze, c
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -245,6 +246,48 @@ async def test_the_app_is_told_to_resync_when_the_gap_cannot_be_recovered(proxie
     await eventually(lambda: seen.seqs() == [1, 5])
 
 
+async def test_a_history_that_starts_again_while_connected_is_handled_in_full_after_a_resync(  # type: ignore[no-untyped-def]
+        proxied, sdk) -> None:
+    """HISTORY_TTL passes while the client is connected: the next recorded messages start again at
+    seq 1 under a new epoch, with no epoch in their envelopes. Every one of them is handled, in
+    order, after a "resync"; the next reconnect, still asking for the old epoch, resyncs again."""
+    gateway, proxy = await proxied({**FAST, "HISTORY_TTL": "1"})
+    user = unique()
+    assert (await offer(gateway, user, 1))["seq"] == 1  # before the client connects
+    client = sdk(proxy.port, user)
+    seen = Seen(client)
+    connected = await client.connect()
+    first_epoch = connected.get("epoch")
+    assert isinstance(first_epoch, str) and connected.get("seq") == 1
+
+    await asyncio.sleep(1.5)  # the history expires while connected; nothing was received on this socket yet
+    assert [(await offer(gateway, user, n))["seq"] for n in (2, 3)] == [1, 2]
+    await eventually(lambda: len(seen.messages) == 2, timeout=3)
+    assert [(m["seq"], m["payload"]["requestId"]) for m in seen.messages] == [(1, "r2"), (2, "r3")]
+    assert seen.resyncs == [ResyncEvent(reason="history_reset", epoch=None, seq=1)]
+    assert client.position == (first_epoch, 2)  # the new epoch is not known: the old one is kept
+
+    await asyncio.sleep(1.5)  # again, now after this socket received seq 2
+    assert [(await offer(gateway, user, n))["seq"] for n in (4, 5, 6)] == [1, 2, 3]
+    await eventually(lambda: len(seen.messages) == 5, timeout=3)
+    assert [m["payload"]["requestId"] for m in seen.messages] == ["r2", "r3", "r4", "r5", "r6"]
+    assert seen.seqs() == [1, 2, 1, 2, 3]
+    assert [r["reason"] for r in seen.resyncs] == ["history_reset", "history_reset"]
+
+    proxy.drop()  # resumes with the old epoch: the gateway cannot recover it
+    await eventually(lambda: len(seen.connected) == 2, timeout=3)
+    assert seen.connected[1].get("recovered") is False
+    new_epoch = seen.connected[1].get("epoch")
+    assert new_epoch != first_epoch
+    await eventually(lambda: len(seen.resyncs) == 3)
+    assert seen.resyncs[2] == ResyncEvent(reason="not_recovered", epoch=new_epoch, seq=3)
+    await offer(gateway, user, 7)
+    await eventually(lambda: len(seen.messages) == 6)
+    assert seen.messages[-1]["seq"] == 4 and client.position == (new_epoch, 4)
+    await asyncio.sleep(0.2)
+    assert len(seen.messages) == 6 and len(seen.resyncs) == 3
+
+
 async def test_a_resume_store_carries_the_position_to_the_next_client(make_gateway, sdk) -> None:  # type: ignore[no-untyped-def]
     gateway = make_gateway(FAST)
     user = unique()
@@ -314,6 +357,29 @@ async def test_the_token_is_refreshed_in_band_before_it_expires(make_gateway, sd
     await client.send("location_update", {"latitude": 1.0, "longitude": 2.0, "timestamp": 0}, id="still-authorised")
 
 
+async def test_a_provider_without_a_newer_token_is_asked_again_later_not_in_a_loop(make_gateway, sdk) -> None:  # type: ignore[no-untyped-def]
+    gateway = make_gateway({"HEARTBEAT_INTERVAL": "0.3", "HEARTBEAT_TIMEOUT": "30"})
+    user = unique()
+    now = int(time.time())
+    cached = make_token(user, iat=now - 3000, exp=now + 30)  # the app's cached token: due for refresh
+    calls: list[float] = []
+
+    async def provider() -> str:  # has nothing newer for its first three calls
+        calls.append(time.monotonic())
+        return cached if len(calls) <= 3 else make_token(user, ttl_s=3600)
+
+    client = sdk(gateway.port, user, token=provider, token_retry_s=0.4)
+    seen = Seen(client)
+    await client.connect()
+    await asyncio.sleep(2.0)
+    # connect, then at once (still the cached token: not sent), then every 0.4 s until a newer token
+    # comes; that one is sent and acked, and the next refresh is an hour away.
+    assert len(calls) == 4, calls
+    assert [round(later - earlier, 1) >= 0.4 for earlier, later in itertools.pairwise(calls[1:])] == [True, True]
+    assert (len(seen.connected), seen.disconnected, seen.errors) == (1, [], [])
+    await client.send("location_update", {"latitude": 1.0, "longitude": 2.0, "timestamp": 0}, id="not-limited")
+
+
 async def test_after_4401_the_client_fetches_a_new_token_and_reconnects(make_gateway, sdk) -> None:  # type: ignore[no-untyped-def]
     gateway = make_gateway(FAST)
     user = unique()
@@ -371,6 +437,28 @@ async def test_with_the_iterator_the_receipt_is_sent_when_the_next_message_is_as
         event = await next_event(pubsub, user, timeout=3)
         asking.cancel()
     assert event is not None and event["payload"] == {"messageId": message_id}
+
+
+async def test_no_receipt_for_a_message_that_no_handler_took(  # type: ignore[no-untyped-def]
+        make_gateway, sdk, redis_async: aredis.Redis, prefix: str) -> None:
+    gateway = make_gateway(FAST)
+    user = unique()
+    client = sdk(gateway.port, user)
+    client.on("notification", lambda message: None)  # a handler, but for another type
+    others = client.messages("order_status")  # a loop, but for another type
+    await client.connect()
+    async with redis_async.pubsub() as pubsub:
+        await pubsub.subscribe(f"{prefix}:events:receipt")
+        await offer(gateway, user, 1, receipt=True)
+        await eventually(lambda: client.position is not None and client.position.seq == 1)  # it arrived
+        assert await next_event(pubsub, user, timeout=0.5) is None  # nobody showed it: no receipt
+
+        handled: list[str] = []
+        client.on("ride_request", lambda message: handled.append(message["id"]))
+        message_id = (await offer(gateway, user, 2, receipt=True))["messageId"]
+        event = await next_event(pubsub, user, timeout=3)
+    assert event is not None and event["payload"] == {"messageId": message_id} and handled == [message_id]
+    await others.aclose()
 
 
 # --- sends ------------------------------------------------------------------------------------

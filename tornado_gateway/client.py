@@ -14,10 +14,27 @@ Everything a phone on a bad network needs is done here, once, so apps do not eac
 - heartbeats are answered, and a socket that stays silent for about two heartbeat intervals is
   taken for dead (a NAT or proxy that forgot it never sends a close) and replaced;
 - the close code decides whether and when to reconnect, in one function (`reconnect_delay`);
-- recorded messages are resumed with `since`/`epoch`, duplicates dropped by `seq`, and the app is
-  told ("resync") when the gateway could not fill the gap;
-- receipts are sent once the app has handled a message, and tokens are refreshed in-band before
-  they expire.
+- recorded messages are resumed with `since`/`epoch`, and the app is told ("resync") when the
+  gateway could not fill the gap or the user's history started again;
+- receipts are sent once the app has handled a message (at least one handler or `messages()`
+  loop took it, and no handler raised), and tokens are refreshed in-band before they expire (a
+  provider that has no newer token is asked again every `token_retry_s`, not in a loop).
+
+How `seq` is read (PROTOCOL.md 7.2: within one connection the gateway sends recorded seqs strictly
+increasing, each once):
+
+- Each connection has a baseline: the `since` it resumed from when `connected` says
+  `recovered: true` (the replay starts at since + 1), else `connected`'s `seq` (0 when absent).
+- A recorded message whose seq is not above the last one this connection received (or the
+  baseline, for its first) means the user's history started again while connected (it expired
+  `HISTORY_TTL` after the last record, or Redis lost it): a "resync" event (reason
+  `history_reset`) goes first, then the message is handled as usual, and the position counts on
+  from its seq. Recorded envelopes carry no epoch, so the new epoch is not known: the position
+  keeps the old epoch string, the next reconnect resumes with it, and the gateway answers
+  `recovered: false` (one more "resync", reason `not_recovered`, then the new epoch and seq).
+- Duplicates exist only across connections: after a reconnect with `recovered: true`, a replayed
+  message whose seq the app already handled (or that was still queued from the connection
+  before, handled first since the queue keeps order) is dropped.
 
 One task (the dispatcher) runs every app callback, messages and connection events alike, one at a
 time in the order they happened; protocol work (heartbeats, acks, liveness) never waits behind a
@@ -117,8 +134,13 @@ class DisconnectedEvent(TypedDict):
 
 class ResyncEvent(TypedDict):
     """Recorded messages may have been missed: re-read state from the services.
-    `not_recovered`: the gateway answered a resume with `recovered: false`; `history_reset`: the
-    seq started again while connected (the user's history was lost and a new epoch began)."""
+
+    `not_recovered`: the gateway answered a resume with `recovered: false`; `epoch` and `seq` are the
+    new position (the user's current epoch and seq). `history_reset`: a recorded seq did not go up
+    on one connection, so the user's history started again (a new epoch, unknown until the next
+    `connected`: `epoch` is None); `seq` is that message's, which is handled right after this event.
+    The client's `position` then keeps the old epoch string with the new seq, so the next reconnect
+    gets `recovered: false` and another "resync"."""
 
     reason: Literal["not_recovered", "history_reset"]
     epoch: str | None
@@ -226,19 +248,30 @@ def token_refresh_at(token: str, margin_s: float, now_s: float) -> float | None:
 
     The claims are read without verifying the signature: the client holds no key, and only uses
     the time to plan ahead; the gateway still verifies the token."""
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
-    except jwt.PyJWTError:
-        return None
-    exp, issued = _as_time(claims.get("exp")), _as_time(claims.get("iat"))
+    exp, issued = _token_times(token)
     if exp is None:
         return None
     start = now_s if issued is None else issued
     return exp - min(margin_s, max(0.0, exp - start) / 2)
 
 
+def _token_times(token: str | None) -> tuple[float | None, float | None]:
+    """The token's exp and iat (epoch seconds), read without verifying it; None where unreadable."""
+    if token is None:
+        return None, None
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
+    except jwt.PyJWTError:
+        return None, None
+    return _as_time(claims.get("exp")), _as_time(claims.get("iat"))
+
+
 def _as_time(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _as_seq(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 # --- internals --------------------------------------------------------------------------------
@@ -256,7 +289,10 @@ class _Link:
     early: list[str | bytes | None] = field(default_factory=list)  # frames read before `ws` was known
     connected: ConnectedPayload | None = None
     epoch: str | None = None
-    last_seq: int | None = None
+    since: int | None = None  # the `since` this connection resumed from (None: it did not ask)
+    recovered: bool = False  # `connected` said recovered: true: a replay from since + 1 follows
+    baseline: int | None = None  # recorded seqs on this connection start above this (set by `connected`)
+    last_seq: int | None = None  # the last recorded seq this connection received
     pending: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     refresher: asyncio.Task[None] | None = None
     abandoned: bool = False
@@ -293,23 +329,25 @@ _Work = _Delivery | _Adopt | _Event | None  # None stops the dispatcher
 
 class _Inbox:
     """One `messages()` iterator. The dispatcher waits in `deliver` until the consumer asks for the
-    next message (or leaves): that is when a message counts as handled."""
+    next message (or leaves): that is when a message counts as handled. A message the consumer never
+    took (it left the loop first) does not."""
 
     __slots__ = ("kinds", "closed", "_queue", "_current")
 
     def __init__(self, kinds: frozenset[str] | None) -> None:
         self.kinds = kinds
         self.closed = False
-        self._queue: asyncio.Queue[tuple[ServerMessage, asyncio.Future[None]] | None] = asyncio.Queue()
-        self._current: asyncio.Future[None] | None = None  # the handed-out message's "handled"
+        self._queue: asyncio.Queue[tuple[ServerMessage, asyncio.Future[bool]] | None] = asyncio.Queue()
+        self._current: asyncio.Future[bool] | None = None  # the handed-out message's "handled"
 
     def wants(self, kind: str) -> bool:
         return not self.closed and (self.kinds is None or kind in self.kinds)
 
-    async def deliver(self, message: ServerMessage) -> None:
-        handled = asyncio.get_running_loop().create_future()
+    async def deliver(self, message: ServerMessage) -> bool:
+        """Waits until the consumer is done with `message`; False when it never took it."""
+        handled: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((message, handled))
-        await handled
+        return await handled
 
     async def next(self) -> ServerMessage | None:
         self._release()
@@ -329,12 +367,12 @@ class _Inbox:
             while not self._queue.empty():  # delivered but never taken: let the dispatcher go on
                 entry = self._queue.get_nowait()
                 if entry is not None and not entry[1].done():
-                    entry[1].set_result(None)
+                    entry[1].set_result(False)
             self._queue.put_nowait(None)
 
     def _release(self) -> None:
         if self._current is not None and not self._current.done():
-            self._current.set_result(None)
+            self._current.set_result(True)
         self._current = None
 
 
@@ -488,7 +526,11 @@ class GatewayClient:
     def on(self, event: str, handler: Handler[Any]) -> Unsubscribe:
         """Call `handler` (sync or async) for each message of type `event` ("message": every one) or
         for a connection event. "error" gets the gateway's errors that no `send` is waiting for
-        (a token about to expire, a rate limit). Returns a function that removes the handler."""
+        (a token about to expire, a rate limit). Returns a function that removes the handler.
+
+        A message that asks for a receipt gets one once its handlers (and `messages()` loops) are
+        done, provided at least one of them took it and none raised: with nothing registered for
+        its type (nor "message", nor a loop), no receipt is sent, so Dispatch can re-offer it."""
         handlers = self._handlers.setdefault(event, [])
         handlers.append(handler)
 
@@ -502,7 +544,8 @@ class GatewayClient:
         """Every message (or those of `kinds`), in order, from the moment this is called.
 
         A message counts as handled, and its receipt is sent, when the loop asks for the next one
-        (or leaves): the iterator is a handler like the callbacks, and later messages wait for it."""
+        (or leaves): the iterator is a handler like the callbacks, and later messages wait for it.
+        One still waiting in the iterator when the loop ends was never taken: no receipt for it."""
         inbox = _Inbox(frozenset(kinds) or None)
         if self._state == "closed":
             inbox.close()
@@ -571,6 +614,7 @@ class GatewayClient:
             return _Outcome(None, f"token provider failed: {exc!r}")
         loop = asyncio.get_running_loop()
         link = _Link(silence_limit_s=self.connect_timeout_s, last_frame_at=loop.time())
+        link.since = self._seq if self._epoch is not None else None  # what _connect_url asks for
         request = HTTPRequest(self._connect_url(), headers={"Authorization": f"Bearer {token}"},
                               connect_timeout=self.connect_timeout_s, request_timeout=self.connect_timeout_s)
         connecting = websocket_connect(request, on_message_callback=partial(self._on_frame, link),
@@ -691,19 +735,38 @@ class GatewayClient:
         self._token_refresh_at = token_refresh_at(token, self.token_refresh_margin_s, time.time())
 
     async def _keep_token_fresh(self, link: _Link, provider: TokenProvider) -> None:
-        """In-band refresh (`token_refresh`) a little before exp, so the connection never drops for it."""
-        while self._token_refresh_at is not None:
-            await asyncio.sleep(max(0.0, self._token_refresh_at - time.time()))
+        """In-band refresh (`token_refresh`) a little before exp, so the connection never drops for it.
+
+        Only a token that expires later than the current one is sent. A provider with nothing newer
+        (it hands back its cached token) is asked again `token_retry_s` later, and so is one whose
+        new token is already due for refresh: never back to back, which would flood the gateway
+        with token_refresh until it closes the connection for its rate limit."""
+        wait_s = self._until_token_refresh()
+        while wait_s is not None:
+            await asyncio.sleep(wait_s)
+            current_exp = _token_times(self._token)[0]
             try:
                 token = await provider()
+                new_exp = _token_times(token)[0]
+                if new_exp is None or (current_exp is not None and new_exp <= current_exp):
+                    log.info("the token provider has no token expiring later; asking again in %.1fs",
+                             self.token_retry_s)
+                    wait_s = self.token_retry_s
+                    continue
                 await self._request(link, "token_refresh", {"token": token}, f"token-refresh-{next(self._ids)}")
             except (ConnectionLost, NotConnected):
                 return
             except Exception as exc:  # noqa: BLE001 - provider or gateway refused: retry, within the grace
                 log.warning("token refresh failed, retrying in %.1fs: %r", self.token_retry_s, exc)
-                await asyncio.sleep(self.token_retry_s)
+                wait_s = self.token_retry_s
                 continue
             self._adopt_token(token)
+            wait_s = self._until_token_refresh()
+            if wait_s is not None and wait_s <= 0:  # later, but already due itself: not at once again
+                wait_s = self.token_retry_s
+
+    def _until_token_refresh(self) -> float | None:
+        return None if self._token_refresh_at is None else max(0.0, self._token_refresh_at - time.time())
 
     # --- frames from the gateway (tornado's read callback: never awaits, never raises) --------
 
@@ -747,9 +810,13 @@ class GatewayClient:
         elif kind == "connected":
             self._on_connected(link, payload)  # type: ignore[arg-type]
         else:
-            seq = frame.get("seq")
-            reset = isinstance(seq, int) and link.last_seq is not None and seq <= link.last_seq
-            if isinstance(seq, int):
+            seq = _as_seq(frame.get("seq"))
+            reset = False
+            if seq is not None:
+                # Strictly increasing within one connection (PROTOCOL 7.2): one that is not means the
+                # user's history started again (a new epoch) while this connection was open.
+                line = link.last_seq if link.last_seq is not None else link.baseline
+                reset = line is not None and seq <= line
                 link.last_seq = seq
             self._enqueue(_Delivery(frame, link, reset))  # type: ignore[arg-type]
 
@@ -757,6 +824,11 @@ class GatewayClient:
         link.connected = payload
         epoch = payload.get("epoch")
         link.epoch = epoch if isinstance(epoch, str) else None
+        link.recovered = payload.get("recovered") is True and link.since is not None
+        if link.recovered and link.since is not None:
+            link.baseline = link.since  # the replay starts at since + 1
+        else:
+            link.baseline = _as_seq(payload.get("seq")) or 0  # everything up to it is not sent
         interval_ms = _as_time(payload.get("heartbeatInterval"))
         if interval_ms is not None and interval_ms > 0:
             link.silence_limit_s = self.dead_after_intervals * interval_ms / 1000.0
@@ -880,31 +952,39 @@ class GatewayClient:
 
     async def _deliver(self, work: _Delivery) -> None:
         message = work.message
-        seq = message.get("seq")
-        tracked = isinstance(seq, int) and work.link.epoch is not None and work.link.epoch == self._epoch
-        if tracked and work.history_reset:
+        link = work.link
+        seq = _as_seq(message.get("seq"))
+        tracked = seq is not None and link.epoch is not None and link.epoch == self._epoch
+        if seq is not None and work.history_reset:
+            # The history started again while connected: the app re-reads its state, then gets this
+            # message, and the position counts on from it (under the old epoch string: see ResyncEvent).
             await self._emit("resync", ResyncEvent(reason="history_reset", epoch=None, seq=seq))
-        elif tracked and isinstance(seq, int) and seq <= self._seq:
-            return  # handled already: received before a reconnect, then replayed after it
-        handled = await self._run_handlers(message)
-        if tracked and isinstance(seq, int):
+        elif tracked and link.recovered and seq is not None and seq <= self._seq:
+            return  # handled already: queued or handled on the connection before, then replayed on this one
+        ran, failed = await self._run_handlers(message)
+        if tracked and seq is not None:
             self._seq = seq
             await self._save_position()
         if message.get("receipt") is True and isinstance(message.get("id"), str):
-            if handled:
+            if ran and not failed:
                 self._send_receipt(message["id"])
-            else:  # so Dispatch can re-offer a ride the app failed to show
+            elif failed:  # so Dispatch can re-offer a ride the app failed to show
                 log.warning("no receipt for %s %s: a handler raised", message["type"], message["id"])
+            else:  # nobody showed it: a receipt would tell Dispatch the driver saw the offer
+                log.warning("no receipt for %s %s: no handler for it", message["type"], message["id"])
 
-    async def _run_handlers(self, message: ServerMessage) -> bool:
-        handled = True
+    async def _run_handlers(self, message: ServerMessage) -> tuple[int, bool]:
+        """Runs the message's handlers (its type's, then "message"), then hands it to the iterators
+        that want it. Returns how many of them took it and whether one raised."""
+        ran, failed = 0, False
         for handler in [*self._handlers.get(message["type"], ()), *self._handlers.get("message", ())]:
-            handled = await _call(handler, message) and handled
+            ran += 1
+            failed = not await _call(handler, message) or failed
         self._inboxes = [inbox for inbox in self._inboxes if not inbox.closed]  # loops that ended
         for inbox in self._inboxes:
-            if inbox.wants(message["type"]):
-                await inbox.deliver(message)
-        return handled
+            if inbox.wants(message["type"]) and await inbox.deliver(message):
+                ran += 1
+        return ran, failed
 
     async def _emit(self, event: str, value: Any) -> None:
         for handler in list(self._handlers.get(event, ())):

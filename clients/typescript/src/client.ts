@@ -1,7 +1,7 @@
 // GatewayClient: one app's connection to the gateway, kept alive across network changes,
 // deploys and token expiry. Protocol: docs/PROTOCOL.md (and /shared PROTOCOL sections 1-3, 7).
 import { type BackoffOptions } from "./backoff.js";
-import { Emitter, type Handler } from "./emitter.js";
+import { type EmitOutcome, Emitter, type Handler } from "./emitter.js";
 import { GatewayError } from "./errors.js";
 import { tokenExpiresAt } from "./jwt.js";
 import type { AckMessage, ConnectedMessage, ConnectedPayload, ErrorPayload, ServerMessage } from "./messages.js";
@@ -13,7 +13,7 @@ import {
   type ReconnectPolicy,
   type ThrottledBackoffOptions,
 } from "./reconnect.js";
-import { type ResumePosition, type ResumeStore, ResumeTracker } from "./resume.js";
+import { ConnectionSeqs, type ResumePosition, type ResumeStore, ResumeTracker } from "./resume.js";
 import type {
   ClientMessageType,
   ClientPayloadOf,
@@ -57,7 +57,10 @@ export interface GatewayClientOptions {
   deadAfterHeartbeats?: number;
   /** Refresh the token this long before `exp` (at most a fifth of its lifetime). Default 60 000 ms. */
   tokenRefreshLeadMs?: number;
-  /** Send `receipt` for messages that ask for one, after their handlers ran. Default true. */
+  /**
+   * Send `receipt` for messages that ask for one, once their handlers ran: only when at least one
+   * handler (of the message's type, or "message") ran and none threw. Default true.
+   */
   autoReceipts?: boolean;
   /** For tests: the random source of the jitter. */
   random?: () => number;
@@ -75,9 +78,21 @@ export interface DisconnectedEvent {
 }
 
 export interface ResyncEvent {
-  /** The position the client asked to resume from. */
+  /**
+   * `not_recovered`: the gateway answered a resume with `recovered: false`. `history_reset`: a
+   * recorded seq did not go up on one connection, so the user's history started again (it expired
+   * HISTORY_TTL after the last record, or Redis lost it) under a new epoch; the message that showed
+   * it is handled right after this event.
+   */
+  reason: "not_recovered" | "history_reset";
+  /** not_recovered: the position the client asked to resume from; history_reset: the position before. */
   previous: ResumePosition | null;
-  /** Where it counts from now (the user's current epoch and seq), or null without recording. */
+  /**
+   * Where it counts from now, or null without recording. not_recovered: the user's current epoch
+   * and seq. history_reset: the old epoch string (the new one is not known until the next
+   * `connected`, so the next reconnect gets `recovered: false` and another resync) with the seq
+   * of the message that started the new history.
+   */
   current: ResumePosition | null;
 }
 
@@ -85,7 +100,10 @@ export interface ResyncEvent {
 export interface ClientEvents {
   connecting: { attempt: number };
   disconnected: DisconnectedEvent;
-  /** The gateway could not replay what was missed (`recovered: false`): re-read state from the services. */
+  /**
+   * Messages may have been missed: re-read state from the services. The gateway could not replay
+   * what was missed (`recovered: false`), or the user's history started again while connected.
+   */
   resync: ResyncEvent;
   /** Every server message, after its typed handlers. */
   message: ServerMessage;
@@ -123,6 +141,8 @@ interface Attempt {
   heartbeatMs: number;
   lastFrameAt: number;
   lastError: ErrorPayload | null;
+  /** Its recorded seqs, from its `connected` on (null before). */
+  seqs: ConnectionSeqs | null;
   timers: Set<ReturnType<typeof setTimeout>>;
   onEnd: (() => void) | null;
   /** The reason given to close(), reported when the gateway's close frame echoes none. */
@@ -330,6 +350,7 @@ export class GatewayClient {
       heartbeatMs: 0,
       lastFrameAt: Date.now(),
       lastError: null,
+      seqs: null,
       timers: new Set(),
       onEnd: null,
       closeReason: "",
@@ -424,9 +445,13 @@ export class GatewayClient {
       case "connected":
         this.#onConnected(attempt, message);
         return;
-      default:
-        this.#enqueue(() => this.#deliver(message));
+      default: {
+        const seq = "seq" in message && typeof message.seq === "number" ? message.seq : undefined;
+        // Seen here, in arrival order, whatever the app's handlers are still busy with.
+        const restarted = seq !== undefined && attempt.seqs !== null && attempt.seqs.restarts(seq);
+        this.#enqueue(() => this.#deliver(message, attempt, restarted));
         return;
+      }
     }
     // Control frames reach the app at once (not behind a slow handler of a service message).
     if (SERVICE_CONTROL.has(message.type)) void this.#emitMessage(message);
@@ -446,6 +471,7 @@ export class GatewayClient {
   #onConnected(attempt: Attempt, message: ConnectedMessage): void {
     const payload = message.payload;
     attempt.connected = true;
+    attempt.seqs = ConnectionSeqs.fromConnected(payload, attempt.resumedFrom);
     attempt.heartbeatMs = typeof payload.heartbeatInterval === "number" ? payload.heartbeatInterval : 0;
     this.#failures = 0;
     this.#authFailures = 0;
@@ -457,7 +483,11 @@ export class GatewayClient {
       const outcome = this.#resume.onConnected(payload, attempt.resumedFrom);
       await this.#emitMessage(message);
       if (outcome.resync) {
-        await this.#events.emit("resync", { previous: attempt.resumedFrom, current: this.#resume.position });
+        await this.#events.emit("resync", {
+          reason: "not_recovered",
+          previous: attempt.resumedFrom,
+          current: this.#resume.position,
+        });
       }
       await this.#saveResume();
       this.#flushReceipts();
@@ -467,21 +497,33 @@ export class GatewayClient {
     });
   }
 
-  /** A service message: handlers first (awaited), then its receipt, then the resume position moves on. */
-  async #deliver(message: ServerMessage): Promise<void> {
+  /**
+   * A service message: handlers first (awaited), then its receipt, then the resume position moves
+   * on. `restarted`: its seq did not go up on its connection (the user's history started again):
+   * resync first, then handled like any other.
+   */
+  async #deliver(message: ServerMessage, attempt: Attempt, restarted: boolean): Promise<void> {
     const seq = "seq" in message && typeof message.seq === "number" ? message.seq : undefined;
-    if (seq !== undefined && this.#resume.isDuplicate(seq)) return; // handled already (replay overlap)
-    const handled = await this.#emitMessage(message);
+    if (seq !== undefined && restarted) {
+      const previous = this.#resume.position;
+      const current = previous === null ? null : { epoch: previous.epoch, seq };
+      await this.#events.emit("resync", { reason: "history_reset", previous, current });
+    } else if (seq !== undefined && attempt.seqs?.recovered === true && this.#resume.isDuplicate(seq)) {
+      return; // handled already: queued or handled on the connection before, replayed on this one
+    }
+    const outcome = await this.#emitMessage(message);
+    const handled = outcome.handlers > 0 && outcome.failures === 0; // someone showed it, nobody failed
     if (handled && "receipt" in message && message.receipt === true && this.#options.autoReceipts !== false) {
       this.#sendReceipt(message.id);
     }
-    if (seq !== undefined && this.#resume.advance(seq)) await this.#saveResume();
+    if (seq === undefined) return;
+    if (restarted ? this.#resume.rebase(seq) : this.#resume.advance(seq)) await this.#saveResume();
   }
 
-  async #emitMessage(message: ServerMessage): Promise<boolean> {
+  async #emitMessage(message: ServerMessage): Promise<EmitOutcome> {
     const typed = await this.#events.emit(message.type, message as never);
     const all = await this.#events.emit("message", message);
-    return typed && all;
+    return { handlers: typed.handlers + all.handlers, failures: typed.failures + all.failures };
   }
 
   #enqueue(task: () => Promise<void>): void {

@@ -3,6 +3,12 @@
 
 export type Handler<T> = (event: T) => unknown;
 
+/** What one emit did: how many handlers it called, and how many of them threw or rejected. */
+export interface EmitOutcome {
+  handlers: number;
+  failures: number;
+}
+
 function isThenable(value: unknown): value is PromiseLike<unknown> {
   return (
     value !== null &&
@@ -36,19 +42,20 @@ export class Emitter<Events extends object> {
 
   /**
    * Calls every handler of `type` (in registration order, each started without waiting for the
-   * previous one) and resolves once all have settled: true when none threw or rejected.
+   * previous one) and resolves once all have settled, with how many ran and how many failed
+   * (threw or rejected). With no handler registered: `{handlers: 0, failures: 0}`.
    */
-  async emit<K extends keyof Events>(type: K, event: Events[K]): Promise<boolean> {
+  async emit<K extends keyof Events>(type: K, event: Events[K]): Promise<EmitOutcome> {
     const set = this.#handlers.get(type);
-    if (set === undefined || set.size === 0) return true;
+    const outcome: EmitOutcome = { handlers: set?.size ?? 0, failures: 0 };
+    if (set === undefined || set.size === 0) return outcome;
     const waits: PromiseLike<unknown>[] = [];
-    let ok = true;
     for (const handler of [...set] as Handler<Events[K]>[]) {
       try {
         const result = handler(event);
         if (isThenable(result)) waits.push(result);
       } catch (error) {
-        ok = false;
+        outcome.failures += 1;
         this.onHandlerError(error, type);
       }
     }
@@ -56,10 +63,10 @@ export class Emitter<Events extends object> {
       try {
         await wait;
       } catch (error) {
-        ok = false;
+        outcome.failures += 1;
         this.onHandlerError(error, type);
       }
     }
-    return ok;
+    return outcome;
   }
 }

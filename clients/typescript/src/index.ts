@@ -20,9 +20,9 @@ export {
   type ReconnectPolicy,
   type ThrottledBackoffOptions,
 } from "./reconnect.js";
-export { ResumeTracker, type ResumePosition, type ResumeStore } from "./resume.js";
+export { ConnectionSeqs, ResumeTracker, type ResumePosition, type ResumeStore } from "./resume.js";
 export { decodeJwtPayload, tokenExpiresAt } from "./jwt.js";
 export { buildConnectUrl, connectProtocols, SUBPROTOCOL, type ConnectParams, type TokenTransport } from "./url.js";
-export type { Handler } from "./emitter.js";
+export type { EmitOutcome, Handler } from "./emitter.js";
 export type * from "./types.js";
 export type * from "./messages.js";

@@ -46,7 +46,7 @@ describe("client logic (fake socket)", () => {
     await client.close();
   });
 
-  test("handlers run in order, async ones awaited; receipt after the handler; duplicates dropped; resume URL", async () => {
+  test("handlers run in order, async ones awaited; receipt after the handler; resume URL", async () => {
     const { client, socket } = setup();
     const log: string[] = [];
     client.on("ride_request", async (m) => {
@@ -59,7 +59,7 @@ describe("client logic (fake socket)", () => {
     assert.equal(s.query.get("since"), null);
     s.connected({ epoch: "E", seq: 0 });
     await connected;
-    for (const seq of [1, 2, 2, 1, 3]) s.receive(ride(seq, seq === 2 ? { receipt: true } : {}));
+    for (const seq of [1, 2, 3]) s.receive(ride(seq, seq === 2 ? { receipt: true } : {}));
     await waitFor("three handled", () => log.length === 6);
     assert.deepEqual(log, ["start r1", "end r1", "start r2", "end r2", "start r3", "end r3"]);
     const receipts = s.sent.filter((f) => f.type === "receipt");
@@ -72,10 +72,10 @@ describe("client logic (fake socket)", () => {
     assert.equal(s2.query.get("since"), "3");
     assert.equal(s2.query.get("epoch"), "E");
     s2.connected({ epoch: "E", seq: 4, recovered: true });
-    s2.receive(ride(3)); // replay overlapping what was handled: dropped
-    s2.receive(ride(4));
+    s2.receive(ride(4)); // the replay starts at since + 1
     await waitFor("r4 handled", () => log.includes("end r4"));
     assert.equal(log.filter((l) => l === "start r3").length, 1);
+    assert.deepEqual(client.resumePosition, { epoch: "E", seq: 4 });
     await client.close();
   });
 
@@ -108,8 +108,114 @@ describe("client logic (fake socket)", () => {
     await connected;
     await waitFor("r3", () => order.includes("r3"));
     assert.deepEqual(order, ["connected", "resync", "r3"]);
-    assert.deepEqual(recorder.of("resync"), [{ previous: { epoch: "old", seq: 9 }, current: { epoch: "new", seq: 2 } }]);
+    assert.deepEqual(recorder.of("resync"), [
+      { reason: "not_recovered", previous: { epoch: "old", seq: 9 }, current: { epoch: "new", seq: 2 } },
+    ]);
     assert.deepEqual(saved, [["new", 2], ["new", 3]]);
+    await client.close();
+  });
+
+  test("a seq that does not go up on one connection: resync (history_reset), then handled; the next resume resyncs again", async () => {
+    const saved: [string, number][] = [];
+    const store: ResumeStore = {
+      load: async () => null,
+      save: async (epoch, seq) => {
+        saved.push([epoch, seq]);
+      },
+    };
+    const { client, socket, recorder } = setup({ resumeStore: store });
+    const order: string[] = [];
+    client.on("resync", (e) => {
+      order.push(`resync ${e.reason}`);
+    });
+    client.on("ride_request", (m) => {
+      order.push(`${m.payload.requestId}`);
+    });
+    const connected = client.connect();
+    const s = await socket(0);
+    s.connected({ epoch: "E", seq: 5 });
+    await connected;
+    s.receive(ride(1)); // not above connected's seq 5: the history started again before anything came
+    s.receive(ride(2));
+    s.receive(ride(3));
+    s.receive(ride(1)); // and again, below the last seq this socket received
+    s.receive(ride(2));
+    await waitFor("five handled", () => order.filter((o) => !o.startsWith("resync")).length === 5);
+    assert.deepEqual(order, ["resync history_reset", "r1", "r2", "r3", "resync history_reset", "r1", "r2"]);
+    assert.deepEqual(recorder.of("resync"), [
+      { reason: "history_reset", previous: { epoch: "E", seq: 5 }, current: { epoch: "E", seq: 1 } },
+      { reason: "history_reset", previous: { epoch: "E", seq: 3 }, current: { epoch: "E", seq: 1 } },
+    ]);
+    assert.deepEqual(client.resumePosition, { epoch: "E", seq: 2 }); // the new epoch is not known yet
+    assert.deepEqual(saved.at(-1), ["E", 2]);
+
+    s.serverClose(1006);
+    const s2 = await socket(1);
+    assert.equal(s2.query.get("since"), "2");
+    assert.equal(s2.query.get("epoch"), "E");
+    s2.connected({ epoch: "E3", seq: 2, recovered: false });
+    s2.receive(ride(3));
+    await waitFor("r3 on the new connection", () => order.length === 9);
+    assert.deepEqual(order.slice(7), ["resync not_recovered", "r3"]);
+    assert.deepEqual(client.resumePosition, { epoch: "E3", seq: 3 });
+    await client.close();
+  });
+
+  test("a recovered replay repeating what is still queued from the connection before: each seq handled once", async () => {
+    const { client, socket, recorder } = setup();
+    let release = (): void => {};
+    const held = new Promise<void>((resolve) => (release = resolve));
+    const handled: number[] = [];
+    client.on("ride_request", async (m) => {
+      if (m.seq === 1) await held; // 2 and 3 wait, unhandled, behind 1
+      handled.push(m.seq ?? -1);
+    });
+    const connected = client.connect();
+    const s = await socket(0);
+    s.connected({ epoch: "E", seq: 0 });
+    await connected;
+    for (const seq of [1, 2, 3]) s.receive(ride(seq));
+    s.serverClose(1006);
+    const s2 = await socket(1);
+    assert.equal(s2.query.get("since"), "0"); // nothing handled yet: all of 1-3 come again
+    s2.connected({ epoch: "E", seq: 3, recovered: true });
+    for (const seq of [1, 2, 3, 4]) s2.receive(ride(seq));
+    release();
+    await waitFor("1-4", () => handled.length === 4);
+    s2.receive(ride(1)); // after the replay, on the same connection: the history started again
+    await waitFor("the new 1", () => handled.length === 5);
+    assert.deepEqual(handled, [1, 2, 3, 4, 1]);
+    assert.deepEqual(
+      recorder.of("resync").map((e) => e.reason),
+      ["history_reset"],
+    );
+    await client.close();
+  });
+
+  test("a receipt only when a handler of the type (or \"message\") ran and none threw", async () => {
+    const { WebSocket, sockets } = fakeWebSocket();
+    const client = new GatewayClient({ url: "ws://gateway.test", token: "t0", userType: "driver", deviceId: "d1", platform: "ios", WebSocket });
+    client.on("notification", () => {}); // another type only
+    const connected = client.connect();
+    const s = await waitFor("the socket", () => sockets[0]);
+    s.connected({ epoch: "E", seq: 0 });
+    await connected;
+    const receipts = (): unknown[] => s.sent.filter((f) => f.type === "receipt").map((f) => f.payload["messageId"]);
+    s.receive(ride(1, { receipt: true }));
+    await waitFor("1 handled", () => client.resumePosition?.seq === 1);
+    assert.deepEqual(receipts(), [], "nobody handled m1");
+    const off = client.on("message", () => {});
+    s.receive(ride(2, { receipt: true }));
+    await waitFor("2 handled", () => client.resumePosition?.seq === 2);
+    assert.deepEqual(receipts(), ["m2"]);
+    off();
+    client.on("ride_request", (m) => {
+      if (m.seq === 3) throw new Error("could not show it");
+    });
+    s.receive(ride(3, { receipt: true }));
+    s.receive(ride(4, { receipt: true }));
+    await waitFor("4 handled", () => client.resumePosition?.seq === 4);
+    assert.deepEqual(receipts(), ["m2", "m4"]);
     await client.close();
   });
 

@@ -61,4 +61,23 @@ describe("receipts (real gateway)", { timeout: 60_000 }, () => {
     assert.equal(receipts.length, 1, "no receipt for r2 (not asked) nor for the offer the app failed to handle");
     assert.equal(handledAt.size, 2);
   });
+
+  test("no receipt for a message no handler took (none for its type, none for \"message\")", { timeout: 20_000 }, async () => {
+    const userId = unique("unhandled");
+    const client = new GatewayClient(clientOptions(gateway.url, userId)); // no Recorder: it listens to "message"
+    clients.push(client);
+    client.on("notification", () => {}); // another type only
+    await client.connect();
+    const mine = (): string[] => receipts.filter((r) => r.event.userId === userId).map((r) => r.event.payload.messageId);
+
+    const first = await gateway.broadcast(userId, { type: "ride_request", payload: { requestId: "r1" }, receipt: true });
+    await waitFor("r1 reached the client", () => client.resumePosition?.seq === 1);
+    await sleep(500);
+    assert.deepEqual(mine(), [], `no receipt for ${String(first.body["messageId"])}`);
+
+    client.on("ride_request", () => {});
+    const second = await gateway.broadcast(userId, { type: "ride_request", payload: { requestId: "r2" }, receipt: true });
+    await waitFor("the receipt for r2", () => mine().length === 1);
+    assert.deepEqual(mine(), [second.body["messageId"]]);
+  });
 });

@@ -132,6 +132,7 @@ describe("resume (real gateway, restarted)", { timeout: 90_000 }, () => {
     assert.ok(typeof connected.epoch === "string");
     const [resync] = recorder.of("resync");
     assert.deepEqual(resync, {
+      reason: "not_recovered",
       previous: { epoch: "an-epoch-long-gone", seq: 5 },
       current: { epoch: connected.epoch, seq: 0 },
     });

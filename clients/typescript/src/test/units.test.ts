@@ -10,6 +10,7 @@ import {
   decodeJwtPayload,
   DEFAULT_POLICY,
   fullJitter,
+  ConnectionSeqs,
   ResumeTracker,
   tokenExpiresAt,
   type ConnectedPayload,
@@ -132,6 +133,32 @@ describe("resume position", () => {
     tracker.onConnected(connected({}), null);
     assert.equal(tracker.position, null);
     assert.equal(tracker.isDuplicate(1), false);
+  });
+
+  test("one connection's seqs: above the baseline, then strictly increasing; anything else is a restart", () => {
+    const fresh = ConnectionSeqs.fromConnected(connected({ epoch: "e1", seq: 4 }), null);
+    assert.equal(fresh.recovered, false);
+    assert.deepEqual([5, 6, 6, 1, 2, 9, 3].map((seq) => fresh.restarts(seq)), [false, false, true, true, false, false, true]);
+    assert.equal(ConnectionSeqs.fromConnected(connected({ epoch: "e1", seq: 4 }), null).restarts(4), true);
+
+    const resumed = ConnectionSeqs.fromConnected(connected({ epoch: "e1", seq: 9, recovered: true }), { epoch: "e1", seq: 7 });
+    assert.equal(resumed.recovered, true);
+    assert.equal(resumed.restarts(8), false); // the replay starts at since + 1
+    const early = ConnectionSeqs.fromConnected(connected({ epoch: "e1", seq: 9, recovered: true }), { epoch: "e1", seq: 7 });
+    assert.equal(early.restarts(7), true);
+
+    const lost = ConnectionSeqs.fromConnected(connected({ epoch: "e2", seq: 3, recovered: false }), { epoch: "e1", seq: 7 });
+    assert.equal(lost.recovered, false);
+    assert.equal(lost.restarts(3), true);
+    assert.equal(ConnectionSeqs.fromConnected(connected({}), null).restarts(1), false); // no seq: from 0
+  });
+
+  test("rebase keeps the epoch string and takes the seq, even a lower one", () => {
+    const tracker = new ResumeTracker();
+    assert.equal(tracker.rebase(1), false);
+    tracker.restore({ epoch: "e1", seq: 7 });
+    assert.equal(tracker.rebase(1), true);
+    assert.deepEqual(tracker.position, { epoch: "e1", seq: 1 });
   });
 
   test("a malformed stored position is ignored", () => {
