@@ -65,7 +65,9 @@ Server = Literal["gateway", "socketio", "baseline"]
 SECRET = "bench-secret-0123456789abcdef-0123456789abcdef"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 LATENCY_RULE_MS = 50.0
-BASELINE_DIR = Path(tempfile.gettempdir()) / "tornado-gateway-bench-baseline"
+# One per bench process: two benches running at once (sessions share the machine) must not remove or
+# re-point each other's baseline checkout, which one run did to the other mid-run.
+BASELINE_DIR = Path(tempfile.gettempdir()) / f"tornado-gateway-bench-baseline-{os.getpid()}"
 # Listening ports come from below the kernel's ephemeral range (32768-60999 here), so that no
 # outgoing connection of the load generator can hold the port a server is about to bind.
 RECORDING_CPU_BUDGET = 1.5  # the issue: each recorded path within 1.5x the CPU of its unrecorded counterpart

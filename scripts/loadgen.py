@@ -23,6 +23,16 @@ The fan-out message type is `driver_location` by default: a latest-value type th
 never records, whatever the path. `--message-type ride_status` sends a recorded type instead, so
 that `fcall` and `http` measure recording (PROTOCOL.md 7.1) while `publish` stays live-only; each
 step reports how many deliveries carried the envelope `seq` that only recorded messages have.
+
+`--stall N` adds a mass stall after the hold (issue #13): N clients, spread over the workers and
+connected with a tiny receive buffer, stop reading at once (`pause_reading`: their kernel buffers
+fill and the gateway's writes back up, as with phones behind a stalled cell tower) while messages
+keep flowing to everyone (`--stall-rate`: `driver_location` and `ride_status` round-robin over all
+users) plus a flood for the stalled ones only (`--flood-rate` of `--flood-type`). It reports the
+healthy clients' deliveries (lost, p50/p99), the server's RSS before, at its peak during and after
+the stall, and how many stalled clients the server shed. With `--resume-after S` the stalled clients
+read again after S seconds and the report says whether every one is still connected, got every
+`ride_status` sent to it and, per driver, the newest position sent.
 """
 
 from __future__ import annotations
@@ -63,6 +73,11 @@ SOCKETS_PER_SOURCE_ADDRESS = 5_000
 HANDSHAKE_TIMEOUT_S = 20.0
 COUNTER_FLUSH_S = 0.25
 DRAIN_GRACE_S = 3.0
+STALL_SETTLE_S = 6.0  # after a stall: in-flight messages, catch-up, and the server's 5 s abort of shed sockets
+RSS_SAMPLE_S = 0.2
+PROBE_S = 1.0  # stalled clients read this long after the stall, to learn which ones the server closed
+RSS_SETTLED = 1.2  # "back": within 20% of the RSS before the stall
+RSS_SETTLE_MAX_S = 20.0  # four housekeeping ticks
 LINGER_RESET = struct.pack("ii", 1, 0)
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 
@@ -76,6 +91,7 @@ N_COUNTERS = 8
 REQUIRED_FIELDS: dict[str, bytes] = {
     "driver_location": b'"driverId":"d","latitude":1.5,"longitude":2.5',
     "ride_status": b'"rideId":"r","status":"driver_arriving"',
+    "notification": b'"title":"t","body":"b"',
 }
 SERVICE_TYPES = frozenset(REQUIRED_FIELDS)
 
@@ -97,6 +113,28 @@ class Target:
 
 
 @dataclass(frozen=True)
+class StallPlan:
+    """--stall: clients that stop reading while messages flow (see the module's docstring)."""
+
+    stalled: int
+    seconds: float
+    resume_after_s: float = 0.0  # 0: they never read again (shed by the server, or dropped by us after the window)
+    rate: int = 1000  # messages/s to everyone, round-robin
+    flood_rate: int = 0  # messages/s more, to the stalled clients only
+    flood_type: str = "notification"  # notification queues up in the gateway; driver_location is coalesced
+    flood_bytes: int = 500  # size of a flood notification
+    rcvbuf: int = 4096  # SO_RCVBUF of a stalled client's socket
+
+    def every(self, connections: int) -> int:
+        """Client index i stalls when i % every == 0 (the first `stalled` such indexes)."""
+        return max(1, connections // self.stalled) if self.stalled else 0
+
+    def stalls(self, index: int, connections: int) -> bool:
+        every = self.every(connections)
+        return every > 0 and index % every == 0 and index // every < self.stalled
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     index: int
     target: Target
@@ -107,6 +145,8 @@ class WorkerSpec:
     source_ips: tuple[str, ...]
     run_id: str
     connect_timeout_s: float
+    connections: int = 0  # in the whole run: which indexes stall depends on it
+    stall: StallPlan | None = None
 
 
 @dataclass
@@ -129,6 +169,7 @@ class LoadConfig:
     quiet: bool = False
     http_rates: list[int] | None = None  # POST /broadcast rates when they differ from fanout_rates
     redis_pid: int | None = None  # a Redis we may measure (its CPU per message), e.g. one bench.py started
+    stall: StallPlan | None = None
 
     def rates_for(self, via: Via) -> list[int]:
         """HTTP costs the server ~10x a PUBLISH, so its steps may use their own, lower rates."""
@@ -184,6 +225,30 @@ class StepReport(TypedDict):
     driver_cpu_pct: float
 
 
+class StallReport(TypedDict):
+    stalled: int
+    healthy: int
+    seconds: float
+    resumed: bool
+    sent_healthy: int
+    delivered_healthy: int
+    lost_healthy: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    sent_stalled: int
+    healthy_closed: int  # healthy clients the server closed during the stall: must be 0
+    stalled_lost: int  # stalled clients whose connection the server ended (4503, then the socket)
+    stalled_open: int  # still connected after the stall (resumed: must be all of them)
+    stale_positions: int  # resumed clients whose newest position per driver is not the newest sent
+    missing_statuses: int  # ride_status messages sent to resumed clients and never received
+    rss_baseline_mb: float  # before the stall
+    rss_peak_mb: float  # the highest sample during the stall (every 0.2 s)
+    rss_final_mb: float  # after the stalled clients are gone (or caught up)
+    rss_final_after_s: float  # how long after that the final sample was taken
+    gateway_cpu_pct: float
+
+
 class RunReport(TypedDict):
     flavor: str
     connections: int
@@ -195,6 +260,7 @@ class RunReport(TypedDict):
     final_connected: int
     close_codes: dict[str, int]
     gateway_rss_end_mb: float
+    stall: StallReport | None
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,10 +321,11 @@ class Stats:
 class WsClient(asyncio.Protocol):
     """One WebSocket: HTTP upgrade, then frames. Answers heartbeats (gateway) or pings (Engine.IO)."""
 
-    __slots__ = ("index", "flavor", "stats", "request", "transport", "buf", "state", "ready", "close_code")
+    __slots__ = ("index", "flavor", "stats", "request", "transport", "buf", "state", "ready", "close_code",
+                 "stalled", "positions", "statuses")
 
     def __init__(self, index: int, flavor: Flavor, stats: Stats, request: bytes,
-                 ready: asyncio.Future[bool]) -> None:
+                 ready: asyncio.Future[bool], stalled: bool = False) -> None:
         self.index = index
         self.flavor = flavor
         self.stats = stats
@@ -268,6 +335,9 @@ class WsClient(asyncio.Protocol):
         self.state = 0  # 0 handshake, 1 upgraded (waiting for the welcome), 2 open, 3 closed
         self.ready = ready
         self.close_code: int | None = None
+        self.stalled = stalled  # one of --stall's clients: what it gets is checked, not timed
+        self.positions: dict[str, int] = {}  # stalled: driverId -> the newest `n` received
+        self.statuses = 0  # stalled: ride_status messages received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -331,10 +401,28 @@ class WsClient(asyncio.Protocol):
             self.stats.counters[C_HEARTBEATS] += 1
             stamp = message.get("payload", {}).get("timestamp", 0)
             self.send(b'{"type":"heartbeat_ack","payload":{"timestamp":%d}}' % stamp)
+        elif self.stalled and kind in SERVICE_TYPES:
+            self._stalled_message(kind, message["payload"])
         elif kind in SERVICE_TYPES:
             self.stats.record_message(message["payload"], "seq" in message)
         elif kind == "connected":
             self._opened()
+
+    def _stalled_message(self, kind: str, payload: dict[str, Any]) -> None:
+        if kind == "ride_status":
+            self.statuses += 1
+        elif kind == "driver_location":
+            driver, n = str(payload.get("driverId")), int(payload.get("n", -1))
+            if n > self.positions.get(driver, -1):
+                self.positions[driver] = n
+
+    def stall(self) -> None:
+        if self.transport is not None and self.state == 2:
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None and self.state == 2:
+            self.transport.resume_reading()
 
     def _socketio_text(self, payload: bytes) -> None:
         if payload == b"2":
@@ -390,10 +478,10 @@ class WsClient(asyncio.Protocol):
         if self.state == 2:
             self.stats.counters[C_OPEN] -= 1
         self.state = 3
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             sock = self.transport.get_extra_info("socket")
             if sock is not None:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, ValueError):  # ValueError: the socket is already gone
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             self.transport.abort()
 
@@ -479,6 +567,29 @@ class Worker:
             self.pipe.send(("latencies", self.stats.take(str(command[1]))))
         elif name == "open_count":
             self.pipe.send(("open_count", sum(1 for c in self.clients if c.state == 2)))
+        elif name in ("stall", "resume", "drop_stalled"):
+            self.pipe.send((name, self._stall_command(name)))
+        elif name == "probe_stalled":
+            self._stall_command("resume")  # a paused socket never sees the server's reset: read to find out
+            await asyncio.sleep(float(command[1]))
+            self.pipe.send((name, sum(1 for c in self.clients if c.stalled and c.state == 3)))
+        elif name == "stalled_results":
+            self.pipe.send(("stalled_results", {c.index: (c.positions, c.statuses, c.state == 2)
+                                                for c in self.clients if c.stalled}))
+        elif name == "healthy_closed":
+            self.pipe.send(("healthy_closed", sum(1 for c in self.clients if not c.stalled and c.state == 3)))
+
+    def _stall_command(self, name: str) -> int:
+        """Stop reading, read again, or drop (RST) the stalled clients; returns how many there are."""
+        stalled = [c for c in self.clients if c.stalled]
+        for client in stalled:
+            if name == "stall":
+                client.stall()
+            elif name == "resume":
+                client.resume()
+            else:
+                client.shutdown()
+        return len(stalled)
 
     async def _flush_counters(self) -> None:
         while True:
@@ -516,10 +627,12 @@ class Worker:
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[bool] = loop.create_future()
         source = self.spec.source_ips[(index // SOCKETS_PER_SOURCE_ADDRESS) % len(self.spec.source_ips)]
-        client = WsClient(index, self.spec.target.flavor, self.stats, request, ready)
+        plan = self.spec.stall
+        stalls = plan is not None and plan.stalls(index, self.spec.connections)
+        client = WsClient(index, self.spec.target.flavor, self.stats, request, ready, stalls)
         self.stats.counters[C_PENDING] += 1
         ok = False
-        sock = bound_socket(source)
+        sock = bound_socket(source, plan.rcvbuf if plan is not None and stalls else 0)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (self.spec.target.host, self.spec.target.port)),
                                    HANDSHAKE_TIMEOUT_S)
@@ -566,7 +679,7 @@ class Worker:
         return sent
 
 
-def bound_socket(source: str) -> socket.socket:
+def bound_socket(source: str, rcvbuf: int = 0) -> socket.socket:
     """A non-blocking socket bound to `source` without choosing its port yet.
 
     bind(addr, 0) picks a port unique for the address alone and gets slower as ports fill up (the
@@ -576,6 +689,8 @@ def bound_socket(source: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if rcvbuf:  # before connect(): the window it advertises follows it, so the sender backs up for real
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.bind((source, 0))
     sock.setblocking(False)
     return sock
@@ -724,6 +839,32 @@ class PublishResult:
     first_error: str = ""
 
 
+@dataclass
+class StallSent:
+    """What the publisher sent during a stall: counts for the healthy clients and, per stalled user,
+    what must arrive if it reads again."""
+
+    sent_healthy: int = 0
+    sent_stalled: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)  # stalled user -> ride_status messages sent
+    positions: dict[str, dict[str, int]] = field(default_factory=dict)  # stalled user -> driverId -> newest n
+    errors: int = 0
+    first_error: str = ""
+
+
+def stall_message(prefix: str, uid: str, kind: str, n: int, tag: str, driver: str = "A", pad: bytes = b"") -> bytes:
+    """One PUBLISH of the stall phase: the type's required fields, send time, a sequence number, the tag."""
+    if kind == "driver_location":
+        body = b'"driverId":"%s","latitude":1.5,"longitude":2.5' % driver.encode()
+    elif kind == "ride_status":
+        body = b'"rideId":"r","status":"driver_arriving"'
+    else:
+        body = b'"title":"t","body":"%s"' % pad
+    message = b'{"type":"%s","payload":{%s,"sentAt":%d,"n":%d,"phase":"%s"}}' % (
+        kind.encode(), body, now_us(), n, tag.encode())
+    return resp_command(b"PUBLISH", f"{prefix}:user:{uid}".encode(), message)
+
+
 def publish_function(prefix: str) -> str:
     """`<prefix>_publish` as the gateway registers it (redis_keys.Keys.function): Redis function names
     take only letters, digits and `_`, so every other character of the prefix becomes `_`."""
@@ -833,6 +974,73 @@ class Publisher:
         return result
 
 
+class StallPublisher:
+    """The stall phase's traffic: round-robin over everyone (`driver_location` rounds for drivers A
+    and B, then `ride_status` rounds), plus a flood for the stalled users only."""
+
+    def __init__(self, target: Target, users: list[str], plan: StallPlan, tag: str, stalled: list[str]) -> None:
+        self.prefix = target.prefix
+        self.users = users
+        self.plan = plan
+        self.tag = tag
+        self.stalled = stalled
+        self.stalled_set = set(stalled)
+        self.sent = StallSent()
+        self.n = 0
+        self.pad = b"x" * max(0, plan.flood_bytes - 90)
+
+    def everyone(self, i: int) -> bytes:
+        uid = self.users[i % len(self.users)]
+        round_ = i // len(self.users)
+        kind = "ride_status" if round_ % 2 else "driver_location"
+        return self.message(uid, kind, "AB"[(round_ // 2) % 2], self.tag)
+
+    def flood(self, i: int) -> bytes:
+        uid = self.stalled[i % len(self.stalled)]
+        kind = self.plan.flood_type
+        return self.message(uid, kind, "AB"[(i // len(self.stalled)) % 2], self.tag + "F")
+
+    def message(self, uid: str, kind: str, driver: str, tag: str) -> bytes:
+        self.n += 1
+        if uid in self.stalled_set:
+            self.sent.sent_stalled += 1
+            if kind == "ride_status":
+                self.sent.statuses[uid] = self.sent.statuses.get(uid, 0) + 1
+            elif kind == "driver_location":
+                self.sent.positions.setdefault(uid, {})[driver] = self.n
+        else:
+            self.sent.sent_healthy += 1
+        return stall_message(self.prefix, uid, kind, self.n, tag, driver, self.pad)
+
+    async def run(self, redis_host: str, redis_port: int) -> StallSent:
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_connection(RespCounter, redis_host, redis_port)
+        assert proto.transport is not None
+        plan = self.plan
+        started = time.monotonic()
+        end = started + plan.seconds
+        background = flooded = 0
+        while (now := time.monotonic()) < end:
+            batch = []
+            for _ in range(int((now - started) * plan.rate) - background):
+                batch.append(self.everyone(background))
+                background += 1
+            if self.stalled:
+                for _ in range(int((now - started) * plan.flood_rate) - flooded):
+                    batch.append(self.flood(flooded))
+                    flooded += 1
+            if batch:
+                proto.transport.write(b"".join(batch))
+            await asyncio.sleep(0.002)
+        for _ in range(500):  # replies for up to 5 s
+            if proto.replies >= background + flooded:
+                break
+            await asyncio.sleep(0.01)
+        self.sent.errors, self.sent.first_error = proto.errors, proto.first_error
+        proto.transport.close()
+        return self.sent
+
+
 def publisher_main(target: Target, pipe: Pipe) -> None:
     """Separate process so its CPU is measured on its own and it does not steal the workers' loop."""
     install_uvloop()
@@ -842,6 +1050,11 @@ def publisher_main(target: Target, pipe: Pipe) -> None:
         command = pipe.recv()
         if command[0] == "stop":
             return
+        if command[0] == "stall":
+            plan, tag, stalled = command[1:]
+            stall = StallPublisher(target, users, plan, tag, stalled)
+            pipe.send(asyncio.run(stall.run(target.redis_host, target.redis_port)))
+            continue
         via, rate, seconds, tag = command[1:]
         if via == "http":
             result = asyncio.run(publisher.broadcast(float(rate), float(seconds), str(tag)))
@@ -1044,6 +1257,7 @@ class Coordinator:
         self.steps: list[StepReport] = []
         self.close_codes: dict[str, int] = {}
         self.connected_users: list[str] = []
+        self.connected_indexes: list[int] = []
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -1069,7 +1283,7 @@ class Coordinator:
             count = max(0, min(per, config.connections - first))
             spec = WorkerSpec(w, config.target, first, count, max(1.0, config.connect_rate / config.workers),
                               max(1, config.concurrency // config.workers), config.source_ips, config.run_id,
-                              config.connect_timeout_s)
+                              config.connect_timeout_s, config.connections, config.stall)
             parent, child = self.ctx.Pipe()
             proc = self.ctx.Process(target=worker_main, args=(spec, child, self.counters), daemon=True)
             proc.start()
@@ -1137,6 +1351,7 @@ class Coordinator:
         gw_cpu, _ = gateway.stop()
         lg_cpu, _ = loadgen.stop()
         indexes = sorted(i for reply in replies for i in reply)
+        self.connected_indexes = indexes
         self.connected_users = [user_id(config.run_id, i) for i in indexes]
         connected = len(indexes)
         return {"target": config.connections, "connected": connected, "failed": config.connections - connected,
@@ -1191,6 +1406,98 @@ class Coordinator:
         deliveries = Deliveries([v for latencies, _ in replies for v in latencies], sum(n for _, n in replies))
         return self.step_report(via, rate, result, deliveries, cpu)
 
+    def stall_phase(self, plan: StallPlan) -> StallReport:
+        """Stop the stalled clients reading, let messages flow for `plan.seconds` (resuming them after
+        `plan.resume_after_s` if set), then measure what the healthy got and the server's memory."""
+        config = self.config
+        stalled_users = [user_id(config.run_id, i) for i in self.connected_indexes
+                         if plan.stalls(i, config.connections)]
+        if self.helpers.publisher_pipe is None:
+            self.start_publisher()
+        assert self.helpers.publisher_pipe is not None
+        baseline = self.server.rss_bytes()
+        tag = f"stall{random.randrange(1 << 30)}"
+        self.ask_workers(("stall",), 30)
+        self.log(f"[stall] {len(stalled_users)} clients stopped reading; RSS {baseline / 2**20:.1f} MB")
+        gateway = CpuWindow(self.server)
+        self.helpers.publisher_pipe.send(("stall", plan, tag, stalled_users))
+        peak, resumed = self._stall_window(plan, baseline)
+        sent: StallSent = self.helpers.publisher_pipe.recv()
+        if sent.first_error:
+            self.log(f"[stall] {sent.errors} PUBLISH refused, the first: {sent.first_error}")
+        # The tail: in-flight messages reach the healthy, resumed clients catch up, and a shed client's
+        # socket is aborted CLOSE_TIMEOUT_S after its 4503.
+        peak = max(peak, self._sample_peak(STALL_SETTLE_S))
+        cpu, wall = gateway.stop()
+        latencies = [v for lat, _ in self.ask_workers(("latencies", tag), 30) for v in lat]
+        results: dict[int, tuple[dict[str, int], int, bool]] = {}
+        for reply in self.ask_workers(("stalled_results",), 30):
+            results.update(reply)
+        healthy_closed = sum(self.ask_workers(("healthy_closed",), 30))
+        stalled_lost = sum(1 for _p, _s, is_open in results.values() if not is_open)
+        if not resumed:
+            stalled_lost = sum(self.ask_workers(("probe_stalled", PROBE_S), 30 + PROBE_S))
+            self.ask_workers(("drop_stalled",), 30)
+        final, after = self._settle_rss(baseline)
+        stale = missing = 0
+        if resumed:
+            for index, (positions, statuses, is_open) in results.items():
+                uid = user_id(config.run_id, index)
+                expected = sent.positions.get(uid, {})
+                stale += int(is_open and any(positions.get(d) != n for d, n in expected.items()))
+                missing += max(0, sent.statuses.get(uid, 0) - statuses)
+        p50, p99, worst = latency_summary(latencies)
+        report: StallReport = {
+            "stalled": len(stalled_users), "healthy": len(self.connected_users) - len(stalled_users),
+            "seconds": plan.seconds, "resumed": resumed, "sent_healthy": sent.sent_healthy,
+            "delivered_healthy": len(latencies), "lost_healthy": max(0, sent.sent_healthy - len(latencies)),
+            "p50_ms": round(p50, 2), "p99_ms": round(p99, 2), "max_ms": round(worst, 2),
+            "sent_stalled": sent.sent_stalled, "healthy_closed": healthy_closed,
+            "stalled_lost": stalled_lost, "stalled_open": len(results) - stalled_lost,
+            "stale_positions": stale, "missing_statuses": missing,
+            "rss_baseline_mb": round(baseline / 2**20, 1), "rss_peak_mb": round(peak / 2**20, 1),
+            "rss_final_mb": round(final / 2**20, 1), "rss_final_after_s": round(after, 1),
+            "gateway_cpu_pct": round(100 * cpu / wall, 1) if wall else 0.0}
+        self.log(format_stall(report))
+        return report
+
+    def _stall_window(self, plan: StallPlan, baseline: int) -> tuple[int, bool]:
+        """While the publisher runs: the server's peak RSS, and the resume when it is due."""
+        assert self.helpers.publisher_pipe is not None
+        started = time.monotonic()
+        peak, resumed = baseline, False
+        while not self.helpers.publisher_pipe.poll(RSS_SAMPLE_S):
+            peak = max(peak, self.server.rss_bytes())
+            elapsed = time.monotonic() - started
+            if plan.resume_after_s and not resumed and elapsed >= plan.resume_after_s:
+                self.ask_workers(("resume",), 30)
+                resumed = True
+                self.log(f"[stall] {elapsed:.1f}s: the stalled clients read again")
+            if elapsed > plan.seconds + 30:
+                raise RuntimeError("publisher did not finish the stall phase")
+        if plan.resume_after_s and not resumed:  # due at (or after) the end of the window: what they get
+            self.ask_workers(("resume",), 30)  # is then only what waited for them in the gateway
+            resumed = True
+            self.log(f"[stall] {time.monotonic() - started:.1f}s: the stalled clients read again")
+        return peak, resumed
+
+    def _sample_peak(self, seconds: float) -> int:
+        peak, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            peak = max(peak, self.server.rss_bytes())
+            time.sleep(RSS_SAMPLE_S)
+        return peak
+
+    def _settle_rss(self, baseline: int) -> tuple[int, float]:
+        """The server's RSS once it is back within RSS_SETTLED of the baseline, or after RSS_SETTLE_MAX_S:
+        it gives memory back on its housekeeping tick (every 5 s by default)."""
+        started = time.monotonic()
+        rss = self.server.rss_bytes()
+        while rss > baseline * RSS_SETTLED and time.monotonic() - started < RSS_SETTLE_MAX_S:
+            time.sleep(RSS_SAMPLE_S)
+            rss = self.server.rss_bytes()
+        return rss, time.monotonic() - started
+
     def upstream_step(self, rate: int) -> StepReport:
         config = self.config
         tag = f"up{rate}r{random.randrange(1 << 30)}"
@@ -1238,6 +1545,7 @@ class Coordinator:
             self.log(format_connect(connect))
             hold = self.hold_phase(rss_baseline)
             self.log(format_hold(hold))
+            stall = self.stall_phase(config.stall) if config.stall is not None else None
             fanout = fanout_order(config)
             if fanout:
                 self.start_publisher()
@@ -1254,7 +1562,7 @@ class Coordinator:
         return {"flavor": config.target.flavor, "connections": config.connections, "workers": config.workers,
                 "gateway_processes": self.server.count(), "connect": connect, "hold": hold, "steps": self.steps,
                 "final_connected": final_connected, "close_codes": self.close_codes,
-                "gateway_rss_end_mb": round(rss_end / 2**20, 1)}
+                "gateway_rss_end_mb": round(rss_end / 2**20, 1), "stall": stall}
 
     def stop_helpers(self) -> None:
         for pipe in self.helpers.worker_pipes:
@@ -1304,6 +1612,17 @@ def format_step(s: StepReport) -> str:
             f"loadgen {s['loadgen_cpu_pct']}%, publisher+collector {s['driver_cpu_pct']}%")
 
 
+def format_stall(s: StallReport) -> str:
+    return (f"[stall] {s['stalled']} stalled / {s['healthy']} healthy for {s['seconds']} s"
+            f"{' (resumed)' if s['resumed'] else ''}: healthy sent {s['sent_healthy']} delivered "
+            f"{s['delivered_healthy']} lost {s['lost_healthy']} p50 {s['p50_ms']} p99 {s['p99_ms']} "
+            f"max {s['max_ms']} ms, "
+            f"healthy closed {s['healthy_closed']}; stalled: {s['stalled_lost']} shed, {s['stalled_open']} open, "
+            f"stale positions {s['stale_positions']}, missing statuses {s['missing_statuses']}; RSS "
+            f"{s['rss_baseline_mb']} -> peak {s['rss_peak_mb']} -> {s['rss_final_mb']} MB "
+            f"({s['rss_final_after_s']} s after); gateway CPU {s['gateway_cpu_pct']}%")
+
+
 def format_table(report: RunReport) -> str:
     c, h = report["connect"], report["hold"]
     lines = [
@@ -1325,6 +1644,10 @@ def format_table(report: RunReport) -> str:
         "| server us/msg | server CPU% | Redis us/msg | loadgen CPU% | publisher CPU% |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    stall = report.get("stall")
+    if stall:  # right under "closes by the server", still in the phase table
+        row = lines.index(f"| closes by the server | {report['close_codes'] or 'none'} |") + 1
+        lines.insert(row, f"| stall | {format_stall(stall).removeprefix('[stall] ')} |")
     for s in report["steps"]:
         lines.append(f"| {s['kind']} | {s['target_rate']} | {s['sent']} | {s['delivered']} | {s['sequenced']} | "
                      f"{s['lost']} | {s['delivered_per_s']} | {s['p50_ms']} | {s['p99_ms']} | {s['max_ms']} | "
@@ -1388,6 +1711,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "by fcall and http (PROTOCOL.md 7.1)")
     parser.add_argument("--step", type=float, default=10.0, help="seconds per fan-out/upstream step")
     parser.add_argument("--upstream", type=int_list, default=[], help="upstream total rates (updates/s), one step each")
+    parser.add_argument("--stall", type=int, default=0,
+                        help="after the hold, this many clients stop reading at once while messages flow (issue #13)")
+    parser.add_argument("--stall-seconds", type=float, default=10.0, help="how long messages flow during the stall")
+    parser.add_argument("--resume-after", type=float, default=0.0,
+                        help="the stalled clients read again after this many seconds (0: never; dropped afterwards)")
+    parser.add_argument("--stall-rate", type=int, default=1000,
+                        help="messages/s to everyone during the stall (driver_location and ride_status rounds)")
+    parser.add_argument("--flood-rate", type=int, default=0, help="messages/s more, to the stalled clients only")
+    parser.add_argument("--flood-type", choices=["notification", "driver_location"], default="notification",
+                        help="what the flood is: notification queues up in the gateway, driver_location is coalesced")
+    parser.add_argument("--flood-bytes", type=int, default=500, help="size of a flood notification")
+    parser.add_argument("--stall-rcvbuf", type=int, default=4096, help="SO_RCVBUF of a stalled client's socket")
     parser.add_argument("--run-id", default="", help="user id prefix (default: random)")
     parser.add_argument("--json", help="write the report as JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -1418,7 +1753,19 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
                       step_s=args.step, upstream_rates=args.upstream, server_pid=args.server_pid,
                       run_id=args.run_id or f"lg{random.randrange(16**6):06x}",
                       connect_timeout_s=timeout, concurrency=args.concurrency, source_ips=source_addresses(ips, base),
-                      json_out=args.json, quiet=args.quiet, http_rates=args.http_rates, redis_pid=args.redis_pid)
+                      json_out=args.json, quiet=args.quiet, http_rates=args.http_rates, redis_pid=args.redis_pid,
+                      stall=stall_plan(args))
+
+
+def stall_plan(args: argparse.Namespace) -> StallPlan | None:
+    if args.stall <= 0:
+        return None
+    if args.flavor != "gateway":
+        raise SystemExit("loadgen.py: --stall speaks the gateway's protocol only")
+    if args.stall > args.connections:
+        raise SystemExit("loadgen.py: --stall is more than --connections")
+    return StallPlan(args.stall, args.stall_seconds, args.resume_after, args.stall_rate, args.flood_rate,
+                     args.flood_type, args.flood_bytes, args.stall_rcvbuf)
 
 
 def run(config: LoadConfig) -> RunReport:
@@ -1434,6 +1781,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_file_limit()
     report = run(config)
     print(format_table(report))
+    if config.stall is not None:  # the stalled clients leave (shed or dropped) unless they resumed
+        return 0 if report["stall"] is not None and not report["stall"]["healthy_closed"] else 1
     return 0 if report["final_connected"] == report["connect"]["connected"] else 1
 
 

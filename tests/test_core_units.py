@@ -219,7 +219,7 @@ def test_a_latest_wins_frame_survives_a_drain_callback_that_fires_at_once() -> N
     c = Connection("c1", Identity(UserId("u"), "rider", DeviceId("d"), "ios", 0.0), transport, "127.0.0.1")
     c.write_first(b"connected")
     c.release_held()
-    flow = FlowControl(max_buffer=1024 * 1024, on_slow=lambda _c: None, on_coalesced=lambda: None)
+    flow = FlowControl(max_buffer=1024 * 1024, on_slow=lambda _c, _b: None, on_coalesced=lambda: None)
     flow.deliver(c, b"position-1", "driver_location:d1")
     assert transport.written == [b"connected", b"position-1"]
     assert c.coalesced is None

@@ -112,3 +112,64 @@ def test_two_runs_of_one_server_id_never_share_connection_or_message_ids() -> No
     assert all(i.startswith("gw-7.") for i in first_ids | second_ids)
 
 
+
+
+class RecordingSocket:
+    def __init__(self) -> None:
+        self.frames: list[dict[str, object]] = []
+        self.closed_with: int | None = None
+
+    def write_frame(self, data: str | bytes) -> bool:
+        self.frames.append(json.loads(data))
+        return True
+
+    def close_transport(self, code: int, reason: str) -> None:
+        self.closed_with = code
+
+    def buffered_bytes(self) -> int:
+        return 0
+
+    def on_drained(self, callback: Callable[[], None]) -> None:
+        callback()
+
+    def drop_queued(self) -> int:
+        return 0
+
+
+async def test_a_resync_that_finds_the_device_owned_by_a_newer_connection_elsewhere_closes_the_local_one(
+        redis_url: str, prefix: str) -> None:
+    """The control message that should have closed it was lost (this instance was not subscribed then):
+    the next resync finds the newer entry, and the local duplicate goes with 4409, as replaced."""
+    import time
+
+    import redis.asyncio as aredis
+
+    from tornado_gateway.auth import DeviceId, Identity, UserId
+    from tornado_gateway.config import Settings
+    from tornado_gateway.presence_redis import RedisPresence
+    from tornado_gateway.redis_keys import Keys
+    from tornado_gateway.resp import PipelinedClient
+
+    client, commands, keys = aredis.Redis.from_url(redis_url), PipelinedClient(redis_url), Keys(prefix)
+    server_id = unique("gw-a")
+    gateway = Gateway(Settings(server_id=server_id, redis_prefix=prefix, history_size=0),
+                      RedisPresence(client, commands, keys, server_id, 15), MemoryBus(), Metrics("", 8125, "t"))
+    await gateway.start()
+    try:
+        user, sock = unique(), RecordingSocket()
+        conn = gateway.admit(Identity(UserId(user), "driver", DeviceId("phone"), "ios", time.time() + 600), sock, "::1")
+        await gateway.establish(conn)
+        assert json.loads(await client.hget(keys.presence(user), "phone"))["connectionId"] == conn.connection_id
+        newer = {"serverId": unique("gw-b"), "connectionId": "gw-b.x-1", "userType": "driver", "platform": "ios",
+                 "connectedAt": int(time.time() * 1000) + 1000, "stamp": int(time.time() * 1e6) + 1_000_000}
+        await client.hset(keys.presence(user), "phone", json.dumps(newer))
+
+        gateway.request_resync()
+        await eventually(lambda: conn.closed, timeout=5)
+        assert (conn.close_code, sock.closed_with) == (4409, 4409)
+        assert [f["payload"]["code"] for f in sock.frames if f["type"] == "error"] == ["REPLACED"]  # type: ignore[index]
+        assert json.loads(await client.hget(keys.presence(user), "phone")) == newer, "the newer entry is left alone"
+    finally:
+        await gateway.drain()
+        await commands.close()
+        await client.aclose()

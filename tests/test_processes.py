@@ -9,6 +9,7 @@ import signal
 import psutil
 
 from tests.helpers import GatewayProcess, eventually, unique
+from tornado_gateway.supervisor import STABLE_AFTER_S, Supervisor, restart_delay
 
 
 async def test_processes_share_the_port_as_separate_instances(make_gateway) -> None:  # type: ignore[no-untyped-def]
@@ -54,3 +55,84 @@ async def _serves_both(gateway: GatewayProcess) -> set[str] | None:
         client.close()
         await asyncio.sleep(0)
     return seen if len(seen) == 2 else None
+
+
+class FakeChild:
+    """A child process the test kills by setting its exit code."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.code: int | None = None
+        self.signals: list[int] = []
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+        self.code = 0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_supervisor(processes: int) -> tuple[Supervisor, list[FakeChild], FakeClock]:
+    spawned: list[FakeChild] = []
+    clock = FakeClock()
+
+    def spawn(index: int) -> FakeChild:
+        spawned.append(FakeChild(1000 + len(spawned)))
+        return spawned[-1]
+
+    supervisor = Supervisor(processes, spawn, clock)
+    supervisor.start()
+    return supervisor, spawned, clock
+
+
+def test_a_child_in_its_restart_backoff_does_not_hold_up_the_others() -> None:
+    supervisor, spawned, clock = fake_supervisor(2)
+    first, second = spawned
+    for _ in range(4):  # child 0 crashes at once, four times: its delay grows to 4 s
+        supervisor.slots[0].process.code = 1  # type: ignore[union-attr]
+        supervisor.step()
+        clock.now = supervisor.slots[0].restart_at  # type: ignore[assignment]
+        supervisor.step()
+    assert supervisor.slots[0].failures == 4
+    supervisor.slots[0].process.code = 1  # type: ignore[union-attr]
+    supervisor.step()
+    assert supervisor.slots[0].restart_at == clock.now + 8.0, "0.5 s doubling per failure"
+    second.code = 1  # the other child dies while the first waits out its 8 s
+    clock.now += 0.2
+    supervisor.step()
+    clock.now += 0.5
+    supervisor.step()
+    assert supervisor.slots[1].process is not None and supervisor.slots[1].process is not second, \
+        "restarted after its own 0.5 s, not after the first one's 8 s"
+    assert supervisor.slots[0].process is None
+    assert first.code == 1
+
+
+def test_a_stop_during_a_backoff_ends_the_supervisor_at_once() -> None:
+    supervisor, spawned, clock = fake_supervisor(2)
+    spawned[0].code = 1
+    supervisor.step()
+    assert supervisor.slots[0].restart_at is not None
+    supervisor.stop(signal.SIGTERM)
+    assert spawned[1].signals == [signal.SIGTERM]
+    assert not supervisor.step(), "every child gone: the parent exits without waiting out the delay"
+    clock.now += 60
+    assert len(spawned) == 2, "and nothing is restarted"
+
+
+def test_a_child_that_ran_for_a_while_restarts_from_the_first_delay() -> None:
+    supervisor, spawned, clock = fake_supervisor(1)
+    supervisor.slots[0].failures = 5
+    clock.now += STABLE_AFTER_S + 1
+    spawned[0].code = 1
+    supervisor.step()
+    assert supervisor.slots[0].restart_at == clock.now + restart_delay(1) == clock.now + 0.5

@@ -14,6 +14,12 @@ and that is when the gateway may read back what was recorded meanwhile (PROTOCOL
 self-probe, a message this instance publishes to its own control channel every PROBE_INTERVAL,
 catches a connection that is open but no longer receives (a proxy or NAT that dropped it
 silently): a probe not back within PROBE_TIMEOUT replaces the connection.
+
+Behind Sentinel (redis_endpoint.py) every reconnect asks where the primary is and checks with ROLE
+that the node is one: after a failover the old primary, once back as a replica, still accepts
+SUBSCRIBE and would deliver nothing. A `+switch-master` from the sentinels closes the connection
+at once and cuts the backoff short; the self-probe stays the backstop (its PUBLISH goes to the new
+primary, where nobody listens for it, so Redis counts no receiver).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from .backoff import Backoff
 from .bus import BusListener, BusUnavailable
 from .metrics import Metrics
 from .redis_keys import Keys
-from .resp import PipelinedClient, RedisReplyError, RedisUnavailable, RespConnection
+from .resp import PipelinedClient, PrimarySource, RedisReplyError, RedisUnavailable, RespConnection, source_of
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +58,11 @@ class Probe:
 class RedisBus:
     embedded = False
 
-    def __init__(self, commands: PipelinedClient, url: str, keys: Keys, server_id: str, metrics: Metrics, *,
-                 stream_maxlen: int, probe: Probe | None = None) -> None:
+    def __init__(self, commands: PipelinedClient, url: str | PrimarySource, keys: Keys, server_id: str,
+                 metrics: Metrics, *, stream_maxlen: int, probe: Probe | None = None) -> None:
         self._commands = commands
-        self._url = url
+        self._source = source_of(url)
+        self._wake = asyncio.Event()  # set when the primary moved: no backoff before connecting to it
         self._keys = keys
         self._metrics = metrics
         self._stream_maxlen = stream_maxlen
@@ -189,6 +196,15 @@ class RedisBus:
             return
         self._send_quietly(conn, "PING")
 
+    def primary_moved(self, address: tuple[str, int]) -> None:
+        """The sentinels announced a new primary: drop a subscription elsewhere and reconnect now."""
+        conn = self._conn
+        if conn is not None and conn.address != address:
+            log.warning("Redis primary moved to %s:%d; moving the pub/sub connection", *address)
+            self._ready = False
+            conn.close()
+        self._wake.set()
+
     # --- the self-probe (PROTOCOL.md 7.4) --------------------------------------------------------
 
     async def _probe_forever(self) -> None:
@@ -243,10 +259,12 @@ class RedisBus:
         backoff = Backoff()
         connected_before = False
         while not self._stopping:
-            conn = RespConnection(self._url)
+            conn: RespConnection | None = None
             delay = backoff.next_delay()
+            self._wake.clear()
             try:
-                await conn.connect()
+                conn = RespConnection(await self._source.primary_url())
+                await conn.connect(require_primary=self._source.require_primary)
                 self._conn = conn
                 self._subscribe_all(conn)
                 conn.send("PING")  # its PONG says every SUBSCRIBE above is in effect
@@ -265,9 +283,17 @@ class RedisBus:
                 self._ready = False
                 self._conn = None
                 self._release_pending()
-                conn.close()
+                if conn is not None:
+                    conn.close()
             if not self._stopping:
-                await asyncio.sleep(delay)
+                await self._pause(delay)
+
+    async def _pause(self, delay: float) -> None:
+        """The backoff delay, cut short when the sentinels announce a new primary."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), delay)
+        except TimeoutError:
+            pass
 
     def _subscribe_all(self, conn: RespConnection) -> None:
         channels = [self._control_channel, *self._wanted]

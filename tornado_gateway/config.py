@@ -37,6 +37,9 @@ class Settings:
     bind_address: str = ""
     redis_url: str = "redis://localhost:6379"
     redis_prefix: str = "gateway"
+    redis_sentinels: tuple[str, ...] = ()  # host:port of each sentinel; set: the primary is asked of them
+    redis_sentinel_master: str = ""  # the master name the sentinels monitor
+    redis_sentinel_password: str | None = None  # the sentinels' own requirepass (REDIS_URL's is the nodes')
     jwt_secret: str | None = None
     jwt_public_key_file: str | None = None
     jwt_algorithms: tuple[str, ...] = ("HS256",)
@@ -69,7 +72,8 @@ class Settings:
     connect_burst_per_ip: int = 100
     max_devices_per_user: int = 10
     max_connections: int = 0  # 0: derived from the open-file limit
-    max_outbound_buffer: int = 1 << 20  # bytes queued for one client before it is closed as too slow
+    max_outbound_buffer: int = 64 * 1024  # bytes waiting for one client before it is closed as too slow (README)
+    outbound_budget: int = 0  # bytes waiting for all clients of the instance; 0: 4 KiB x max_connections
     socket_sndbuf: int = 0  # SO_SNDBUF per client socket; 0 leaves the kernel's autotuning
     token_expiry_grace_s: float = 30.0
     allowed_origins: tuple[str, ...] = ()
@@ -94,6 +98,9 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "bind_address": (str, "BIND_ADDRESS"),
     "redis_url": (str, "REDIS_URL"),
     "redis_prefix": (str, "REDIS_PREFIX"),
+    "redis_sentinels": (str, "REDIS_SENTINELS"),
+    "redis_sentinel_master": (str, "REDIS_SENTINEL_MASTER"),
+    "redis_sentinel_password": (str, "REDIS_SENTINEL_PASSWORD"),
     "jwt_secret": (str, "JWT_SECRET"),
     "jwt_public_key_file": (str, "JWT_PUBLIC_KEY_FILE"),
     "jwt_algorithms": (str, "JWT_ALGORITHMS"),
@@ -126,6 +133,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "max_devices_per_user": (int, "MAX_DEVICES_PER_USER"),
     "max_connections": (int, "MAX_CONNECTIONS"),
     "max_outbound_buffer": (int, "MAX_OUTBOUND_BUFFER"),
+    "outbound_budget": (int, "OUTBOUND_BUDGET"),
     "socket_sndbuf": (int, "SOCKET_SNDBUF"),
     "token_expiry_grace_s": (float, "TOKEN_EXPIRY_GRACE"),
     "allowed_origins": (str, "ALLOWED_ORIGINS"),
@@ -198,7 +206,7 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _normalise(values: dict[str, Any]) -> dict[str, Any]:
-    for name in ("jwt_algorithms", "allowed_origins", "trusted_proxies"):
+    for name in ("jwt_algorithms", "allowed_origins", "trusted_proxies", "redis_sentinels"):
         listed = values.get(name)
         if isinstance(listed, str):
             values[name] = tuple(a.strip() for a in listed.split(",") if a.strip())
@@ -256,6 +264,7 @@ def validate(settings: Settings) -> None:
         raise ConfigError("PROBE_INTERVAL must be >= 0 (0 turns the probe off) and PROBE_TIMEOUT more than half of it")
     if settings.processes < 1:
         raise ConfigError("PROCESSES must be at least 1")
+    validate_sentinels(settings)
     try:
         parse_networks(settings.trusted_proxies)
         header_name(settings.forwarded_header)
@@ -267,7 +276,7 @@ def validate(settings: Settings) -> None:
         raise ConfigError("EVENT_LOOP must be auto, asyncio or uvloop")
     if min(settings.rate_limit_per_s, settings.rate_limit_burst, settings.connect_rate_per_ip,
            settings.max_devices_per_user, settings.max_connections, settings.max_outbound_buffer,
-           settings.token_expiry_grace_s) < 0:
+           settings.outbound_budget, settings.token_expiry_grace_s) < 0:
         raise ConfigError("limits must not be negative (0 disables a limit)")
     asymmetric = [a for a in settings.jwt_algorithms if not a.startswith("HS")]
     if asymmetric and not settings.jwt_public_key_file:
@@ -283,3 +292,31 @@ def validate(settings: Settings) -> None:
             "JWT_SECRET is not set: the gateway cannot verify tokens. Set JWT_SECRET (or JWT_PUBLIC_KEY_FILE "
             "with JWT_ALGORITHMS=RS256), or run with --dev for an insecure development secret."
         )
+
+
+def validate_sentinels(settings: Settings) -> None:
+    """REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together, and only with a real Redis."""
+    if not settings.redis_sentinels:
+        if settings.redis_sentinel_master:
+            raise ConfigError("REDIS_SENTINEL_MASTER is set but REDIS_SENTINELS is not: list the sentinels "
+                              "(host:port,...)")
+        return
+    if not settings.redis_sentinel_master:
+        raise ConfigError("REDIS_SENTINELS needs REDIS_SENTINEL_MASTER: the master name the sentinels monitor")
+    if settings.redis_url == MEMORY_URL:
+        raise ConfigError("REDIS_SENTINELS cannot be used with REDIS_URL=memory://")
+    try:
+        parse_sentinels(settings.redis_sentinels)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def parse_sentinels(listed: tuple[str, ...]) -> list[tuple[str, int]]:
+    """`host:port` entries (an IPv6 host in brackets: `[::1]:26379`); ValueError names the bad one."""
+    addresses: list[tuple[str, int]] = []
+    for entry in listed:
+        host, sep, port = entry.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"REDIS_SENTINELS entry {entry!r} is not host:port")
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses

@@ -36,6 +36,10 @@ class Transport(Protocol):
     def on_drained(self, callback: Callable[[], None]) -> None:
         """Call `callback` once everything queued so far has reached the socket (or it closed)."""
 
+    def drop_queued(self) -> int:
+        """Forget what waits for the client now (it is being closed for not reading, so it would never
+        read it); returns the bytes given back. Frames written afterwards (the close) still go out."""
+
 
 class OutboundLimit(Protocol):
     def admits(self, conn: Connection, size: int) -> bool:

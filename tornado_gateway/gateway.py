@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import resource
 import secrets
@@ -32,12 +31,13 @@ from .catchup import CatchUp
 from .config import LOG_FIELDS, Settings
 from .connection import Connection, Transport
 from .errors import CloseCode, ErrorCode, GatewayError, ValidationError, close_reason_name
-from .flow import FlowControl, coalesce_key
+from .flow import FlowControl, Shed, coalesce_key, default_budget
 from .forwarded import TrustedProxies
 from .heartbeat import HeartbeatScheduler
 from .history import LATEST_VALUE_TYPES, History, Record, RecordResult, decode_record
 from .hub import Hub
 from .limits import ConnectLimiter, MessageLimiter
+from .memory import Allocator, Reclaimer
 from .messages import (
     ConnectedPayload,
     IdGenerator,
@@ -60,17 +60,6 @@ RESYNC_LOG_EVERY = 15  # attempts between two warnings while Redis keeps failing
 RECORD_HEAD: Final = b'{"recorded"'  # history.record_bytes: a recorded message on a user channel
 REPLAY_BUDGET: Final = 512 * 1024  # bytes of replay queued at once when MAX_OUTBOUND_BUFFER is off
 FD_RESERVE = 512  # descriptors kept for Redis, logs and sockets between accept() and refusal
-
-
-def freeze_survivors() -> None:
-    """Move every object alive now out of the cyclic collector's reach (gc.freeze).
-
-    A full collection walks every tracked object: at 10,000 connections per process that is
-    500,000+ objects and a 0.5-1.4 s stall of the event loop (measured), which is the whole p99.
-    Connections are freed by reference counting (the one handler <-> connection cycle is broken on
-    close), so frozen objects that die later are still reclaimed; full collections then only see
-    what was allocated since the last housekeeping tick."""
-    gc.freeze()
 
 
 def file_limit() -> int:
@@ -124,11 +113,14 @@ class Gateway:
         self.heartbeats = HeartbeatScheduler(
             settings.heartbeat_interval_s, settings.heartbeat_timeout_s, self.ids,
             on_stale=self._close_stale, on_expired=self._token_expired, on_tick=self._heartbeat_ticked)
-        self.flow = FlowControl(settings.max_outbound_buffer, on_slow=self._close_slow,
-                                on_coalesced=lambda: metrics.incr(m.MESSAGES_DROPPED.format(reason="coalesced")))
         self.connect_limiter = ConnectLimiter(settings.connect_rate_per_ip, settings.connect_burst_per_ip)
         self.proxies = TrustedProxies.parse(settings.trusted_proxies, settings.forwarded_header)
         self.max_connections = settings.max_connections or max(100, file_limit() - FD_RESERVE)
+        self.outbound_budget = settings.outbound_budget or default_budget(self.max_connections)
+        self.flow = FlowControl(settings.max_outbound_buffer, on_slow=self._close_slow,
+                                on_coalesced=lambda: metrics.incr(m.MESSAGES_DROPPED.format(reason="coalesced")),
+                                budget=self.outbound_budget, on_shed=self._shed)
+        self.reclaimer = Reclaimer(Allocator.load())
         self._timers: list[PeriodicCallback] = []
         self._published = False  # the server key was written once (so a missing key means it was lost)
         self._background: set[asyncio.Task[Any]] = set()
@@ -153,8 +145,7 @@ class Gateway:
                         PeriodicCallback(self.flush_metrics, METRICS_FLUSH_MS)]
         for timer in self._timers:
             timer.start()
-        gc.collect()
-        await self._housekeeping()
+        await self._housekeeping()  # the first collect-and-freeze (memory.Reclaimer)
         self.request_resync()  # entries a previous run of this serverId left behind are removed
 
     async def drain(self) -> None:
@@ -295,7 +286,7 @@ class Gateway:
             if conn.closed:
                 break
             if conn.transport.buffered_bytes() + len(frame) > budget and not await self._drained(conn):
-                self._close_slow(conn)
+                self.flow.shed(conn)
                 break
             conn.write_first(frame)
         if frames:
@@ -407,10 +398,22 @@ class Gateway:
     def _close_stale(self, conn: Connection) -> None:
         self._drop(conn, CloseCode.HEARTBEAT_TIMEOUT, "no frame within the heartbeat timeout")
 
-    def _close_slow(self, conn: Connection) -> None:
+    def _close_slow(self, conn: Connection, by_budget: bool = False) -> None:
+        """4503. What waited for the client is already gone (flow.FlowControl dropped it); a client shed
+        for the instance's budget is reported once per shedding (`_shed`), not one line each."""
+        if by_budget:
+            self._drop(conn, CloseCode.SLOW_CONSUMER, "the instance's outbound budget is full and this client "
+                                                      "held the most: it is not reading")
+            return
         log.warning("closing %s: outbound buffer over %d bytes (client not reading)", conn.connection_id,
                     self.settings.max_outbound_buffer)
         self._drop(conn, CloseCode.SLOW_CONSUMER, "outbound buffer overflow: the client is not reading")
+
+    def _shed(self, shed: Shed) -> None:
+        self.metrics.incr(m.OUTBOUND_SHED, shed.clients)
+        log.warning("outbound budget reached (%.1f of %.1f MB queued for slow clients): closed the %d clients "
+                    "holding the most with 4503, %.1f MB given back", shed.queued_before / 1e6, shed.budget / 1e6,
+                    shed.clients, shed.freed_bytes / 1e6)
 
     # --- token lifetime -----------------------------------------------------------------------
 
@@ -677,7 +680,7 @@ class Gateway:
         self.metrics.flush()
 
     async def _housekeeping(self) -> None:
-        freeze_survivors()
+        self.reclaimer.tick(self.flow.queued_bytes)
         self.connect_limiter.prune(time.monotonic())
         stats = self.stats()
         try:

@@ -215,18 +215,28 @@ end
 -- as lost (a new epoch, `recovered: false`). Worked out on the first call after the library is
 -- loaded, which Redis does afresh at every start. With AOF what comes back is what was acknowledged:
 -- the generation stays ''. A clean RDB restart (nothing lost) pays a needless `recovered: false`.
+-- A replica promoted by a failover (Sentinel, REPLICAOF NO ONE) holds what asynchronous replication
+-- had brought it when the old primary died, AOF or not: the same problem, so its replication id,
+-- new at the promotion, is the generation. Redis marks a promoted node with `second_repl_offset`.
+-- Not kept while the node is a replica: a read-only call there must not settle it before a promotion.
 local generation = nil
 local function run_generation()
-  if generation == nil then
+  if generation ~= nil then return generation end
+  local replication = redis.call('INFO', 'replication')
+  local found
+  if (string.match(replication, 'second_repl_offset:(%-?%d+)') or '-1') ~= '-1' then
+    found = string.match(replication, 'master_replid:(%w+)') or ''
+  else
     local persistence = redis.call('INFO', 'persistence')
     local loaded = tonumber(string.match(persistence, 'rdb_last_load_keys_loaded:(%d+)') or '0')
     if string.match(persistence, 'aof_enabled:(%d)') == '1' or loaded == 0 then
-      generation = ''
+      found = ''
     else
-      generation = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
+      found = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
     end
   end
-  return generation
+  if string.find(replication, 'role:master', 1, true) then generation = found end
+  return found
 end
 
 -- The epoch, the last seq, and whether producer ids may be kept in this epoch: an epoch starts with

@@ -65,6 +65,7 @@ MESSAGES_GAP_FILLED = "messages.gap_filled"
 GAPS_UNFILLED = "messages.gaps_unfilled"
 PROBE_MS = "redis.probe_ms"
 PROBE_FAILURES = "redis.probe_failures"
+OUTBOUND_SHED = "outbound.shed"
 
 #: Per-instance gauges: sent as `instance.<serverId>.<name>`.
 INSTANCE_GAUGES = frozenset({CONNECTIONS_ACTIVE, CONNECTIONS_TOTAL, USERS_UNIQUE})

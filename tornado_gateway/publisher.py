@@ -17,6 +17,15 @@ types `driver_location` and `eta_update`)::
 
     redis-cli FCALL gateway_publish 1 u1 '{"type":"ride_request","payload":{"requestId":"r1"},"id":"ride-r1-offer-1"}'
 
+Behind Redis Sentinel, build it from the same settings the gateway takes (REDIS_SENTINELS,
+REDIS_SENTINEL_MASTER)::
+
+    publisher = Publisher.for_sentinels("10.0.0.5:26379,10.0.0.6:26379,10.0.0.7:26379", "gateway-redis")
+
+It then follows a failover: redis-py asks the sentinels on every new connection and drops one
+that answers READONLY (the old primary, demoted). A call that fails in the failover raises
+redis-py's ConnectionError; retrying it with the same `message_id` is safe (7.3).
+
 The gateway loads the function into Redis at start and after Redis comes back; a service only
 calls it. With another REDIS_PREFIX the function is `<prefix>_publish` (characters other than
 letters, digits and `_` in the prefix become `_`).
@@ -28,8 +37,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ResponseError
 
+from .config import parse_sentinels
 from .history import INVALID_MESSAGE_PREFIX
 from .history_redis import FUNCTION_NOT_FOUND
 from .messages import dumps
@@ -66,6 +77,18 @@ class Publisher:
     def __init__(self, redis: Redis, prefix: str = "gateway") -> None:
         self._redis = redis
         self._function = Keys(prefix).function("record")
+
+    @classmethod
+    def for_sentinels(cls, sentinels: str, master: str, prefix: str = "gateway", *,
+                      sentinel_password: str | None = None, **connection: Any) -> Publisher:
+        """A publisher on the primary the sentinels name: `sentinels` as in REDIS_SENTINELS (`host:port,...`),
+        `master` as in REDIS_SENTINEL_MASTER; `connection` holds the data nodes' options (password, ssl, ...)."""
+        addresses = parse_sentinels(tuple(a for a in sentinels.split(",") if a.strip()))
+        sentinel_options: dict[str, Any] = {"socket_connect_timeout": 1.0, "socket_timeout": 1.0}
+        if sentinel_password:
+            sentinel_options["password"] = sentinel_password
+        sentinel = Sentinel(addresses, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+        return cls(sentinel.master_for(master, **connection), prefix)
 
     async def publish(self, user_id: str, type: str, payload: dict[str, Any], *, message_id: str | None = None,
                       expires_at_ms: int | None = None, receipt: bool = False) -> PublishResult:

@@ -17,7 +17,7 @@ import inspect
 import ssl
 import time
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import hiredis
 from redis.asyncio.connection import RedisSSLContext, SSLConnection, parse_url
@@ -59,6 +59,39 @@ class RedisUnavailable(ConnectionError):
     """No connection to Redis, or it did not answer in time."""
 
 
+class PrimarySource(Protocol):
+    """Where the primary is now (redis_endpoint.py): a fixed REDIS_URL, or what the sentinels say.
+
+    Asked on every (re)connect, never per command. `require_primary`: check with ROLE that the node
+    connected to is a primary, since a node a sentinel named a moment ago may have been demoted."""
+
+    require_primary: bool
+
+    async def primary_url(self) -> str: ...
+
+
+class FixedPrimary:
+    """REDIS_URL as it is: single-Redis mode."""
+
+    require_primary = False
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def primary_url(self) -> str:
+        return self.url
+
+
+def source_of(url: str | PrimarySource) -> PrimarySource:
+    return FixedPrimary(url) if isinstance(url, str) else url
+
+
+def is_readonly(error: object) -> bool:
+    """The node took a write as a replica: it was demoted (a failover). Every such error starts with
+    READONLY, for plain commands, scripts and functions alike."""
+    return str(error).startswith("READONLY")
+
+
 class RedisReplyError(Exception):
     """Redis answered with an error (-ERR ...)."""
 
@@ -87,7 +120,12 @@ class RespConnection:
         self._parser = hiredis.Reader()
         self._outbox: list[bytes] = []
 
-    async def connect(self, timeout_s: float = 2.0) -> None:
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._host, self._port
+
+    async def connect(self, timeout_s: float = 2.0, *, require_primary: bool = False) -> None:
+        """Open, authenticate, select the db; with `require_primary`, refuse a node that is not a primary."""
         if self._unix_path:
             opening = asyncio.open_unix_connection(self._unix_path)
         else:
@@ -101,12 +139,22 @@ class RespConnection:
             await self._handshake(timeout_s, *[a for a in auth if a is not None])
         if self._db:  # the db of REDIS_URL, as redis-py selects it for the other connections
             await self._handshake(timeout_s, "SELECT", self._db)
+        if require_primary:
+            await self._check_primary(timeout_s)
 
-    async def _handshake(self, timeout_s: float, *command: str | int) -> None:
+    async def _check_primary(self, timeout_s: float) -> None:
+        """What the Sentinel client guidelines ask for: the sentinels' answer may be a moment old, and a
+        subscriber on a demoted node would receive nothing (replicas accept SUBSCRIBE all the same)."""
+        role = await self._handshake(timeout_s, "ROLE")
+        if not role or role[0] != b"master":
+            raise ConnectionError(f"{self._host}:{self._port} is not the primary (role {role[0] if role else None!r})")
+
+    async def _handshake(self, timeout_s: float, *command: str | int) -> Any:
         self.send(*command)
         reply = (await asyncio.wait_for(self.read_replies(), timeout_s))[0]
         if isinstance(reply, Exception):
             raise ConnectionError(f"Redis refused {command[0]}: {reply}")
+        return reply
 
     def send(self, *args: str | bytes | int) -> None:
         if self._writer is None or self._writer.is_closing():
@@ -165,8 +213,8 @@ class PipelinedClient:
     per command (`asyncio.wait_for` costs a timer, a task and a future for every PUBLISH).
     """
 
-    def __init__(self, url: str) -> None:
-        self._url = url
+    def __init__(self, url: str | PrimarySource) -> None:
+        self._source = source_of(url)
         self._link: _Link | None = None
         self._connecting: asyncio.Lock | None = None
         self._readers: set[asyncio.Task[None]] = set()
@@ -185,8 +233,24 @@ class PipelinedClient:
         link.pending.append(future)
         reply = await future
         if isinstance(reply, Exception):
+            if is_readonly(reply):
+                raise self._demoted(link, reply) from None
             raise RedisReplyError(str(reply))
         return reply
+
+    def _demoted(self, link: _Link, reply: Exception) -> RedisUnavailable:
+        """A write answered READONLY: this node is a replica now. The connection is dropped so that
+        the next command asks where the primary is; the caller gets RedisUnavailable (retry)."""
+        error = RedisUnavailable(f"the Redis node was demoted: {reply}")
+        if self._link is link:
+            self._fail(link, error)
+        return error
+
+    def primary_moved(self, address: tuple[str, int]) -> None:
+        """The sentinels announced a new primary: leave the old one now rather than at the next error."""
+        link = self._link
+        if link is not None and link.conn.address != address:
+            self._fail(link, RedisUnavailable("the Redis primary moved"))
 
     def script(self, source: str) -> str:
         sha = hashlib.sha1(source.encode()).hexdigest()
@@ -214,10 +278,13 @@ class PipelinedClient:
         async with self._connecting:
             if self._link is not None:
                 return self._link
-            conn = RespConnection(self._url)
+            conn: RespConnection | None = None
             try:
-                await conn.connect()
+                conn = RespConnection(await self._source.primary_url())
+                await conn.connect(require_primary=self._source.require_primary)
             except (OSError, TimeoutError, ConnectionError) as exc:
+                if conn is not None:
+                    conn.close()  # refused by AUTH, SELECT or ROLE: the socket is open
                 raise RedisUnavailable(str(exc) or type(exc).__name__) from None
             link = self._link = _Link(conn)
             self._watch(link)

@@ -14,7 +14,6 @@ import signal
 import urllib.parse
 from collections.abc import Callable
 
-from redis.asyncio import Redis
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
@@ -28,6 +27,7 @@ from .history_redis import RedisHistory
 from .metrics import Metrics
 from .presence import MemoryPresence, Presence
 from .presence_redis import RedisPresence
+from .redis_endpoint import RedisEndpoint, endpoint_for
 from .redis_keys import Keys
 from .resp import PipelinedClient
 
@@ -71,7 +71,7 @@ def raise_file_limit() -> int:
     return hard
 
 
-Backends = tuple[Presence, Bus, History, Redis | None]
+Backends = tuple[Presence, Bus, History, RedisEndpoint | None]  # no endpoint: the embedded bus
 
 
 def embedded_backends(settings: Settings) -> Backends:
@@ -84,8 +84,8 @@ def embedded_backends(settings: Settings) -> Backends:
 async def build_backends(settings: Settings, metrics: Metrics) -> Backends:
     if settings.redis_url == MEMORY_URL:
         return embedded_backends(settings)
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0,
-                           health_check_interval=30)
+    endpoint = endpoint_for(settings)  # REDIS_URL, or the primary the sentinels name
+    redis = endpoint.client(socket_connect_timeout=2.0, socket_timeout=5.0, health_check_interval=30)
     if settings.dev:
         try:
             await redis.ping()
@@ -94,16 +94,18 @@ async def build_backends(settings: Settings, metrics: Metrics) -> Backends:
             log.warning("DEVELOPMENT MODE: Redis at %s is not reachable (%s)", redacted(settings.redis_url), exc)
             log.warning("falling back to the EMBEDDED single-instance bus: no cross-instance delivery")
             log.warning("=" * 72)
-            await redis.aclose()
+            await endpoint.stop()
             return embedded_backends(settings)
     keys = Keys(settings.redis_prefix)
-    commands = PipelinedClient(settings.redis_url)
+    commands = PipelinedClient(endpoint)
     presence = RedisPresence(redis, commands, keys, settings.server_id, settings.instance_ttl_s)
-    bus = RedisBus(commands, settings.redis_url, keys, settings.server_id, metrics,
+    bus = RedisBus(commands, endpoint, keys, settings.server_id, metrics,
                    stream_maxlen=settings.dispatch_stream_maxlen, probe=Probe(settings.probe_interval_s,
                                                                                settings.probe_timeout_s))
     history = RedisHistory(commands, keys, settings.history_size, settings.history_ttl_s, settings.max_message_size)
-    return presence, bus, history, redis
+    endpoint.on_primary_moved(commands.primary_moved, bus.primary_moved)
+    await endpoint.start()
+    return presence, bus, history, endpoint
 
 
 def log_broadcast_rule(settings: Settings) -> None:
@@ -137,7 +139,7 @@ def announce(settings: Settings, embedded: bool) -> None:
 async def serve(settings: Settings) -> None:
     raise_file_limit()
     metrics = Metrics(settings.statsd_host, settings.statsd_port, settings.statsd_prefix, instance=settings.server_id)
-    presence, bus, history, redis = await build_backends(settings, metrics)
+    presence, bus, history, endpoint = await build_backends(settings, metrics)
     gateway = Gateway(settings, presence, bus, metrics, history)
     await gateway.start()
     server = HTTPServer(make_app(gateway), max_body_size=max(1 << 20, 4 * settings.max_message_size),
@@ -145,7 +147,7 @@ async def serve(settings: Settings) -> None:
     sockets = bind_sockets(settings.port, settings.bind_address or None, reuse_port=settings.reuse_port,
                            backlog=4096)
     server.add_sockets(sockets)
-    announce(settings, redis is None)
+    announce(settings, endpoint is None)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -156,6 +158,6 @@ async def serve(settings: Settings) -> None:
     server.stop()
     await gateway.drain()
     await server.close_all_connections()
-    if redis is not None:
-        await redis.aclose()
+    if endpoint is not None:
+        await endpoint.stop()  # and the redis-py client it made
     log.info("instance %s stopped", settings.server_id)

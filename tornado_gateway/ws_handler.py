@@ -243,6 +243,15 @@ class GatewaySocket(WebSocketHandler):
         buffer = getattr(cast(WebSocketProtocol13, protocol).stream, "_write_buffer", None)
         return len(buffer) if buffer is not None else 0
 
+    def drop_queued(self) -> int:
+        """Tornado's IOStream cannot give back part of its write buffer: a client closed for not reading
+        loses its socket at once (no close frame, it would sit behind what it does not read anyway)."""
+        size = self.buffered_bytes()
+        protocol = self.ws_connection
+        if size and protocol is not None:
+            cast(WebSocketProtocol13, protocol).stream.close()
+        return size
+
     def on_drained(self, callback: Callable[[], None]) -> None:
         protocol = self.ws_connection
         try:

@@ -16,6 +16,13 @@ continuation only inside a fragmented message, messages (all fragments) at
 most `max_size` bytes (1009, checked from the header so an oversized frame is
 never buffered), text valid UTF-8 (1007). While `on_message` returns an
 awaitable, reading pauses: frames are handled one at a time, in order.
+
+What the kernel does not take at once waits here, in one bytearray per client (`_pending`), not in
+the transport: the transport would keep every frame as a bytes object of its own (thousands of small
+allocations per stalled client, which the allocator does not give back once freed), and what sits in
+the transport cannot be taken back when the client is closed for not reading. The transport gets the
+queue back FLUSH_CHUNK bytes at a time whenever it has drained, so a 4503 drops all but at most
+one chunk at once (`drop_queued`).
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ INVALID_PAYLOAD: Final = 1007
 MESSAGE_TOO_BIG: Final = 1009
 #: How long a close we started waits for the client's close frame before the socket is dropped.
 CLOSE_TIMEOUT_S: Final = 5.0
+#: The most of a client's queue handed to the transport at once: what a 4503 cannot take back.
+FLUSH_CHUNK: Final = 8 * 1024
 
 
 class FrameSink(Protocol):
@@ -95,10 +104,21 @@ def close_problem(payload: bytes) -> tuple[int, str] | None:
     return None
 
 
+def break_transport_cycle(transport: asyncio.BaseTransport) -> None:
+    """asyncio's own selector transports keep a bound method of themselves (`_read_ready_cb`): every one
+    of them is a reference cycle, which only the cyclic collector frees, and one frozen alive by the
+    gateway's gc.freeze() (memory.py) is never freed at all (with EVENT_LOOP=asyncio, measured: every
+    connection that lived past a housekeeping tick left its transport behind). The socket is gone, so
+    nothing reads with it again. uvloop's transports have no such attribute (and no __dict__)."""
+    state = getattr(transport, "__dict__", None)
+    if state is not None and state.get("_read_ready_cb") is not None:
+        state["_read_ready_cb"] = None
+
+
 class FrameProtocol(asyncio.Protocol):
     __slots__ = ("_sink", "_transport", "_buffer", "_max_size", "_fragments", "_fragment_opcode", "_busy",
                  "_sent_close", "_got_close", "_close_timer", "_drain_waiters", "_close_code", "_close_reason",
-                 "_pending_pong", "_early")
+                 "_pending_pong", "_early", "_pending")
 
     def __init__(self, sink: FrameSink, max_size: int) -> None:
         self._sink: FrameSink | None = sink
@@ -120,6 +140,8 @@ class FrameProtocol(asyncio.Protocol):
         # What the connection writes (a close included) before connection_made: the socket is being
         # handed over; it is written first, in order.
         self._early: list[bytes] | None = []
+        # Frames the socket could not take yet, in order (see the module's docstring); None when empty.
+        self._pending: bytearray | None = None
 
     def received_before(self, data: bytes) -> None:
         """Bytes the client sent right behind the upgrade request, already read by Tornado."""
@@ -162,6 +184,9 @@ class FrameProtocol(asyncio.Protocol):
         pass
 
     def resume_writing(self) -> None:
+        """The transport's buffer is empty: hand it the next part of the queue, or tell the waiters."""
+        if self._pending is not None and self._hand_over(FLUSH_CHUNK):
+            return  # more is on its way to the socket: waiters wait for the next drain
         waiters, self._drain_waiters = self._drain_waiters, None
         for callback in waiters or ():
             callback()
@@ -171,8 +196,11 @@ class FrameProtocol(asyncio.Protocol):
             self._close_timer.cancel()
             self._close_timer = None
         self._sent_close = self._got_close = True
-        self._buffer, self._early, self._fragments = b"", None, None
+        self._buffer, self._early, self._fragments, self._pending = b"", None, None, None
         self.resume_writing()  # "drained" waiters learn the socket is gone
+        transport, self._transport = self._transport, None  # the protocol <-> transport cycle
+        if transport is not None:
+            break_transport_cycle(transport)
         sink, self._sink = self._sink, None
         if sink is not None:
             sink.on_ws_connection_close(self._close_code, self._close_reason)
@@ -185,7 +213,8 @@ class FrameProtocol(asyncio.Protocol):
         return self._emit(frame(OP_TEXT, data.encode() if isinstance(data, str) else data))
 
     def _emit(self, data: bytes) -> bool:
-        """Write, or queue until connection_made while the socket is being handed over."""
+        """Write; queue behind what the socket has not taken yet, or until connection_made while the
+        socket is being handed over."""
         transport = self._transport
         if transport is None:
             if self._early is None:
@@ -194,8 +223,45 @@ class FrameProtocol(asyncio.Protocol):
             return True
         if transport.is_closing():
             return False
-        transport.write(data)
+        pending = self._pending
+        if pending is not None:
+            pending += data
+        elif transport.get_write_buffer_size():  # the kernel refused bytes already: the client is behind
+            self._pending = bytearray(data)
+        else:
+            transport.write(data)
         return True
+
+    def _hand_over(self, limit: int) -> bool:
+        """Move the queue into the transport, at most `limit` bytes per write, for as long as the socket
+        takes it at once; True while anything is still waiting (queued or in the transport)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            self._pending = None
+            return False
+        while (pending := self._pending) is not None and not transport.get_write_buffer_size():
+            if len(pending) <= limit:
+                self._pending = None
+                transport.write(pending)  # ours no more: the transport may keep a view of it
+            else:
+                with memoryview(pending) as view:
+                    chunk = bytes(view[:limit])
+                del pending[:limit]  # O(1) at the front of a bytearray
+                transport.write(chunk)
+        return self._pending is not None or transport.get_write_buffer_size() > 0
+
+    def _hand_over_all(self, transport: asyncio.Transport) -> None:
+        """Everything queued goes to the transport now: it is about to close (or half-close), and it
+        flushes its own buffer first."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            transport.write(pending)
+
+    def drop_queued(self) -> int:
+        """The client is being closed for not reading: what waits for it will never be read, so it
+        goes now. The transport keeps at most one FLUSH_CHUNK (or one frame) ahead of the close frame."""
+        pending, self._pending = self._pending, None
+        return len(pending) if pending is not None else 0
 
     def close_transport(self, code: int, reason: str) -> None:
         self.close(code, reason)
@@ -210,6 +276,7 @@ class FrameProtocol(asyncio.Protocol):
 
     def _after_close_frame(self, transport: asyncio.Transport) -> None:
         if self._got_close:
+            self._hand_over_all(transport)  # the close frame is in the queue if anything was waiting
             transport.close()  # flushes what is queued, then closes
         self._arm_abort()  # a client that neither answers nor reads is dropped after CLOSE_TIMEOUT_S
 
@@ -225,9 +292,11 @@ class FrameProtocol(asyncio.Protocol):
         return self._sent_close or (self._transport is not None and self._transport.is_closing())
 
     def buffered_bytes(self) -> int:
-        if self._transport is None:
+        transport = self._transport
+        if transport is None:
             return sum(map(len, self._early)) if self._early else 0
-        return self._transport.get_write_buffer_size()
+        pending = self._pending
+        return transport.get_write_buffer_size() + (len(pending) if pending is not None else 0)
 
     def on_drained(self, callback: Callable[[], None]) -> None:
         transport = self._transport
@@ -235,7 +304,7 @@ class FrameProtocol(asyncio.Protocol):
             if self._early is None:  # lost during the hand-over
                 callback()
                 return
-        elif transport.is_closing() or transport.get_write_buffer_size() == 0:
+        elif transport.is_closing() or (self._pending is None and transport.get_write_buffer_size() == 0):
             callback()
             return
         if self._drain_waiters is None:
@@ -405,6 +474,7 @@ class FrameProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
+        self._hand_over_all(transport)  # the close frame goes out behind everything queued, then the half-close
         if transport.can_write_eof():
             transport.write_eof()
         else:
