@@ -415,3 +415,23 @@ def module_gateway(env: dict[str, str] | None = None) -> Callable[[str, str], It
         process.stop()
 
     return pytest.fixture(scope="module")(fixture)
+
+
+class Sink:
+    """The handler side of a FrameProtocol, for tests that drive ws_protocol without a gateway:
+    ignores frames and remembers the close code."""
+
+    def __init__(self) -> None:
+        self.closed: int | None = None
+
+    def on_message(self, message: str | bytes) -> None:
+        return None
+
+    def on_ping(self, data: bytes) -> None:
+        return None
+
+    def on_pong(self, data: bytes) -> None:
+        return None
+
+    def on_ws_connection_close(self, close_code: int | None = None, close_reason: str | None = None) -> None:
+        self.closed = close_code

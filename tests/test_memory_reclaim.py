@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers import Sink
 from tornado_gateway.memory import TRIM_MIN_BYTES, Allocator, Reclaimer, rss_bytes
 from tornado_gateway.ws_protocol import FrameProtocol
 
@@ -101,20 +102,6 @@ def test_freed_heap_memory_is_given_back_to_the_system() -> None:
     reclaimer.trim_if_freed()
     assert reclaimer.stats.trims == 1, "once: nothing more was freed since"
     assert len(keep) == 1200
-
-
-class Sink:
-    def on_message(self, message: str | bytes) -> None:
-        return None
-
-    def on_ping(self, data: bytes) -> None:
-        return None
-
-    def on_pong(self, data: bytes) -> None:
-        return None
-
-    def on_ws_connection_close(self, close_code: int | None = None, close_reason: str | None = None) -> None:
-        return None
 
 
 async def test_a_closed_connections_transport_is_freed_without_the_cyclic_collector() -> None:

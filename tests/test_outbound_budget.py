@@ -10,6 +10,7 @@ import asyncio
 import socket
 from collections.abc import Callable
 
+from tests.helpers import Sink
 from tornado_gateway.auth import DeviceId, Identity, UserId
 from tornado_gateway.connection import Connection
 from tornado_gateway.flow import SHED_TO, FlowControl, Shed
@@ -148,23 +149,6 @@ def test_a_stall_that_ends_before_the_limit_costs_nothing() -> None:
     assert not conn.closed and recorder.slow == []
     assert sock.frames == [b"ride_status-1", b"ride_status-2", b"position-2"]
     assert flow.queued_bytes == 0 and flow.congested_clients == 0
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.closed: int | None = None
-
-    def on_message(self, message: str | bytes) -> None:
-        return None
-
-    def on_ping(self, data: bytes) -> None:
-        return None
-
-    def on_pong(self, data: bytes) -> None:
-        return None
-
-    def on_ws_connection_close(self, close_code: int | None = None, close_reason: str | None = None) -> None:
-        self.closed = close_code
 
 
 async def test_a_client_closed_for_not_reading_gives_its_queue_back_at_once() -> None:
