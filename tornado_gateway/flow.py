@@ -111,12 +111,20 @@ class FlowControl:
         buffered = conn.transport.buffered_bytes()
         if buffered == 0 and conn.coalesced is None:
             return True
-        queued = buffered + held_bytes(conn)
-        if self._max_buffer and queued + size > self._max_buffer:
-            self.shed(conn)
+        queued = self._within_limit(conn, buffered, size)
+        if queued is None:
             return False
         self._track(conn, queued + size)
         return True
+
+    def _within_limit(self, conn: Connection, buffered: int, size: int) -> int | None:
+        """What waits for `conn` (socket plus held slots), or None when `size` more would pass
+        MAX_OUTBOUND_BUFFER: then the client has been shed."""
+        queued = buffered + held_bytes(conn)
+        if self._max_buffer and queued + size > self._max_buffer:
+            self.shed(conn)
+            return None
+        return queued
 
     def shed(self, conn: Connection) -> None:
         """Close a client as too slow (4503), dropping what waits for it first."""
@@ -126,9 +134,8 @@ class FlowControl:
     def _queue(self, conn: Connection, frame: bytes, key: str | None, buffered: int) -> None:
         """The socket is not keeping up: a latest-value message replaces its predecessor, anything
         else waits in order, within the client's limit; then the instance's budget is checked."""
-        queued = buffered + held_bytes(conn)
-        if self._max_buffer and queued + len(frame) > self._max_buffer:
-            self.shed(conn)
+        queued = self._within_limit(conn, buffered, len(frame))
+        if queued is None:
             return
         if key is not None:
             queued += self._hold(conn, key, frame)
