@@ -318,17 +318,23 @@ class RawSocketClient:
     """
 
     def __init__(self, port: int, token: str, user_type: str, device_id: str, rcvbuf: int = 4096,
-                 early: bytes = b"", extensions: str = "") -> None:
+                 early: bytes = b"", extensions: str = "", *, source: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        """`source`: the local address to connect from (a client behind a proxy with its own address);
+        `headers`: more request headers (forged forwarding headers, say)."""
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(5)
+        if source is not None:
+            self.sock.bind((source, 0))
         self.sock.connect(("127.0.0.1", port))
         key = "dGhlIHNhbXBsZSBub25jZQ=="
         path = f"/ws?token={token}&userType={user_type}&deviceId={device_id}&platform=android"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
                            + (f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else "")
-                           + "\r\n").encode() + early)
+                           + extra + "\r\n").encode() + early)
         response = b""
         while b"\r\n\r\n" not in response:
             chunk = self.sock.recv(1)

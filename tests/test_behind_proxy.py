@@ -26,7 +26,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from scripts.loadgen import free_port
-from tests.helpers import ROOT, Client, GatewayProcess, make_token, unique
+from tests.helpers import ROOT, Client, GatewayProcess, RawSocketClient, make_token, unique
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs Debian's nginx)")
@@ -120,32 +120,11 @@ def connect_params(user: str, device: str = "d1", *, token: bool = True) -> dict
 
 def upgrade_from(source: str, port: int, user: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
     """One WebSocket upgrade from a given local address; the first frame the server sends."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as sock:
-        path = "/ws?" + "&".join(f"{k}={v}" for k, v in connect_params(user, unique("dev")).items())
-        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
-        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                      f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n")
-                     .encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(4096)
-            assert chunk, f"closed during the handshake: {data!r}"
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        assert b" 101 " in head.split(b"\r\n")[0], head
-        while len(rest) < 2 or len(rest) < 2 + (rest[1] & 0x7F if rest[1] & 0x7F < 126 else 0):
-            rest += sock.recv(4096)
-        length = rest[1] & 0x7F
-        if length == 126:
-            while len(rest) < 4:
-                rest += sock.recv(4096)
-            length, start = int.from_bytes(rest[2:4], "big"), 4
-        else:
-            start = 2
-        while len(rest) < start + length:
-            rest += sock.recv(4096)
-        frame: dict[str, Any] = json.loads(rest[start:start + length])
-        return frame
+    client = RawSocketClient(port, make_token(user, "driver"), "driver", unique("dev"), source=source, headers=headers)
+    try:
+        return client.read_json()
+    finally:
+        client.close()
 
 
 async def test_clients_through_nginx_reach_both_instances_and_get_broadcasts(
