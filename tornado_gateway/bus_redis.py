@@ -37,7 +37,7 @@ from .backoff import Backoff
 from .bus import BusListener, BusUnavailable
 from .metrics import Metrics
 from .redis_keys import Keys
-from .resp import PipelinedClient, PrimarySource, RedisReplyError, RedisUnavailable, RespConnection, source_of
+from .resp import Commands, PrimarySource, RedisReplyError, RedisUnavailable, RespConnection, source_of
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +55,61 @@ class Probe:
     timeout_s: float = 5.0
 
 
-class RedisBus:
-    embedded = False
+class RedisPublishing:
+    """What both buses send: user messages and control on PUBLISH_COMMAND (SPUBLISH in a cluster,
+    bus_redis_cluster.py), client events always on classic PUBLISH (services SUBSCRIBE to them on
+    any node) and the streams."""
 
-    def __init__(self, commands: PipelinedClient, url: str | PrimarySource, keys: Keys, server_id: str,
-                 metrics: Metrics, *, stream_maxlen: int, probe: Probe | None = None) -> None:
+    PUBLISH_COMMAND = "PUBLISH"
+
+    def __init__(self, commands: Commands, keys: Keys, metrics: Metrics, stream_maxlen: int) -> None:
         self._commands = commands
-        self._source = source_of(url)
-        self._wake = asyncio.Event()  # set when the primary moved: no backoff before connecting to it
         self._keys = keys
         self._metrics = metrics
         self._stream_maxlen = stream_maxlen
+
+    async def publish_user(self, user_id: str, data: str) -> None:
+        await self._publish(self.PUBLISH_COMMAND, self._keys.user_channel(user_id), data)
+
+    async def publish_event(self, kind: str, data: str) -> None:
+        await self._publish("PUBLISH", self._keys.events(kind), data)
+
+    async def send_control(self, server_id: str, data: str) -> None:
+        await self._publish(self.PUBLISH_COMMAND, self._keys.control(server_id), data)
+
+    async def _publish(self, command: str, channel: str, data: str) -> None:
+        started = time.perf_counter()
+        try:
+            await self._commands.call(command, channel, data)
+        except REDIS_ERRORS as exc:
+            self._metrics.incr(m.REDIS_ERRORS)
+            raise BusUnavailable(str(exc)) from None
+        self._metrics.timing(m.REDIS_PUBLISH_MS, (time.perf_counter() - started) * 1000.0)
+
+    async def append_event(self, kind: str, data: str) -> None:
+        started = time.perf_counter()
+        try:
+            # Both go out in the same write; the ack waits for the stream entry, as the contract says.
+            added = self._commands.call("XADD", self._keys.stream(kind), "MAXLEN", "~", self._stream_maxlen,
+                                        "*", "data", data)
+            published = self._commands.call("PUBLISH", self._keys.events(kind), data)
+            await asyncio.gather(added, published)
+        except REDIS_ERRORS as exc:
+            self._metrics.incr(m.REDIS_ERRORS)
+            raise BusUnavailable(str(exc)) from None
+        self._metrics.timing(m.REDIS_PUBLISH_MS, (time.perf_counter() - started) * 1000.0)
+
+
+class RedisBus(RedisPublishing):
+    embedded = False
+    SUBSCRIBE_COMMAND = "SUBSCRIBE"
+    UNSUBSCRIBE_COMMAND = "UNSUBSCRIBE"
+
+    def __init__(self, commands: Commands, url: str | PrimarySource, keys: Keys, server_id: str,
+                 metrics: Metrics, *, stream_maxlen: int, probe: Probe | None = None) -> None:
+        super().__init__(commands, keys, metrics, stream_maxlen)
+        self._source = source_of(url)
+        self._wake = asyncio.Event()  # set when the primary moved: no backoff before connecting to it
         self._control_channel = keys.control(server_id)
         self._control_channel_b = self._control_channel.encode()
         self._user_prefix_b = keys.user_channel_prefix.encode()
@@ -99,17 +143,22 @@ class RedisBus:
             log.warning("Redis pub/sub not connected yet; retrying in the background")
 
     async def stop(self) -> None:
+        await self.stop_listening()
+        await self._commands.close()
+
+    async def stop_listening(self) -> None:
         self._stopping = True
         for task in (self._probe_task, self._task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        await self._commands.close()
 
     # --- subscriptions ------------------------------------------------------------------------
 
     async def subscribe_user(self, user_id: str) -> None:
-        channel = self._keys.user_channel(user_id)
+        await self.subscribe_channel(self._keys.user_channel(user_id))
+
+    async def subscribe_channel(self, channel: str) -> None:
         self._wanted.add(channel)
         conn = self._conn
         if conn is None:
@@ -117,14 +166,17 @@ class RedisBus:
         waiter = asyncio.get_running_loop().create_future()
         self._pending.setdefault(channel.encode(), deque()).append(waiter)
         try:
-            conn.send("SUBSCRIBE", channel)
+            conn.send(self.SUBSCRIBE_COMMAND, channel)
         except REDIS_ERRORS:
             return  # the listener sees the failure too and resubscribes everything
         await self._confirmation(waiter)
 
     async def subscription_ready(self, user_id: str) -> None:
         """Wait for a SUBSCRIBE another device of the user triggered and that Redis has not confirmed."""
-        waiters = self._pending.get(self._keys.user_channel(user_id).encode())
+        await self.channel_ready(self._keys.user_channel(user_id))
+
+    async def channel_ready(self, channel: str) -> None:
+        waiters = self._pending.get(channel.encode())
         if waiters:
             await self._confirmation(waiters[-1])
 
@@ -138,11 +190,13 @@ class RedisBus:
             log.warning("Redis did not confirm a SUBSCRIBE within %.0f s", SUBSCRIBE_TIMEOUT_S)
 
     def unsubscribe_user(self, user_id: str) -> None:
-        channel = self._keys.user_channel(user_id)
+        self.unsubscribe_channel(self._keys.user_channel(user_id))
+
+    def unsubscribe_channel(self, channel: str) -> None:
         self._wanted.discard(channel)
         conn = self._conn
         if conn is not None:
-            self._send_quietly(conn, "UNSUBSCRIBE", channel)
+            self._send_quietly(conn, self.UNSUBSCRIBE_COMMAND, channel)
 
     @staticmethod
     def _send_quietly(conn: RespConnection, *args: str) -> None:
@@ -150,39 +204,6 @@ class RedisBus:
             conn.send(*args)
         except REDIS_ERRORS:
             pass  # the listener reconnects and resubscribes from _wanted
-
-    # --- publishing ---------------------------------------------------------------------------
-
-    async def publish_user(self, user_id: str, data: str) -> None:
-        await self._publish(self._keys.user_channel(user_id), data)
-
-    async def publish_event(self, kind: str, data: str) -> None:
-        await self._publish(self._keys.events(kind), data)
-
-    async def send_control(self, server_id: str, data: str) -> None:
-        await self._publish(self._keys.control(server_id), data)
-
-    async def _publish(self, channel: str, data: str) -> None:
-        started = time.perf_counter()
-        try:
-            await self._commands.call("PUBLISH", channel, data)
-        except REDIS_ERRORS as exc:
-            self._metrics.incr(m.REDIS_ERRORS)
-            raise BusUnavailable(str(exc)) from None
-        self._metrics.timing(m.REDIS_PUBLISH_MS, (time.perf_counter() - started) * 1000.0)
-
-    async def append_event(self, kind: str, data: str) -> None:
-        started = time.perf_counter()
-        try:
-            # Both go out in the same write; the ack waits for the stream entry, as the contract says.
-            added = self._commands.call("XADD", self._keys.stream(kind), "MAXLEN", "~", self._stream_maxlen,
-                                        "*", "data", data)
-            published = self._commands.call("PUBLISH", self._keys.events(kind), data)
-            await asyncio.gather(added, published)
-        except REDIS_ERRORS as exc:
-            self._metrics.incr(m.REDIS_ERRORS)
-            raise BusUnavailable(str(exc)) from None
-        self._metrics.timing(m.REDIS_PUBLISH_MS, (time.perf_counter() - started) * 1000.0)
 
     async def ping(self) -> None:
         """Called from the housekeeping timer: a subscriber connection that answers nothing, not
@@ -223,7 +244,7 @@ class RedisBus:
         back = self._probe_back = asyncio.get_running_loop().create_future()
         started = time.perf_counter()
         try:
-            receivers = await self._commands.call("PUBLISH", self._control_channel, self._probe_message())
+            receivers = await self._commands.call(self.PUBLISH_COMMAND, self._control_channel, self._probe_message())
             if receivers == 0:
                 self._probe_failed(conn, "Redis delivered the self-probe to nobody")
                 return

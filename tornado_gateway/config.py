@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -40,6 +41,7 @@ class Settings:
     redis_sentinels: tuple[str, ...] = ()  # host:port of each sentinel; set: the primary is asked of them
     redis_sentinel_master: str = ""  # the master name the sentinels monitor
     redis_sentinel_password: str | None = None  # the sentinels' own requirepass (REDIS_URL's is the nodes')
+    redis_cluster: bool = False  # REDIS_URL names one node of a Redis Cluster; the rest is discovered
     jwt_secret: str | None = None
     jwt_public_key_file: str | None = None
     jwt_algorithms: tuple[str, ...] = ("HS256",)
@@ -101,6 +103,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "redis_sentinels": (str, "REDIS_SENTINELS"),
     "redis_sentinel_master": (str, "REDIS_SENTINEL_MASTER"),
     "redis_sentinel_password": (str, "REDIS_SENTINEL_PASSWORD"),
+    "redis_cluster": (bool, "REDIS_CLUSTER"),
     "jwt_secret": (str, "JWT_SECRET"),
     "jwt_public_key_file": (str, "JWT_PUBLIC_KEY_FILE"),
     "jwt_algorithms": (str, "JWT_ALGORITHMS"),
@@ -265,6 +268,7 @@ def validate(settings: Settings) -> None:
     if settings.processes < 1:
         raise ConfigError("PROCESSES must be at least 1")
     validate_sentinels(settings)
+    validate_cluster(settings)
     try:
         parse_networks(settings.trusted_proxies)
         header_name(settings.forwarded_header)
@@ -309,6 +313,21 @@ def validate_sentinels(settings: Settings) -> None:
         parse_sentinels(settings.redis_sentinels)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def validate_cluster(settings: Settings) -> None:
+    """A cluster has no databases but 0, no sentinels, and cannot be the embedded bus."""
+    if not settings.redis_cluster:
+        return
+    if settings.redis_url == MEMORY_URL:
+        raise ConfigError("REDIS_CLUSTER cannot be used with REDIS_URL=memory://")
+    if settings.redis_sentinels:
+        raise ConfigError("REDIS_CLUSTER and REDIS_SENTINELS exclude each other: a cluster fails over by itself")
+    if settings.redis_url.startswith("unix:"):
+        raise ConfigError("REDIS_CLUSTER needs a redis:// or rediss:// REDIS_URL (a node's host:port)")
+    db = urllib.parse.urlsplit(settings.redis_url).path.strip("/")
+    if db not in ("", "0"):
+        raise ConfigError(f"REDIS_CLUSTER: a Redis Cluster has only database 0, REDIS_URL selects {db}")
 
 
 def parse_sentinels(listed: tuple[str, ...]) -> list[tuple[str, int]]:

@@ -21,6 +21,7 @@ producer's bytes, in the format `history.record_bytes` documents.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from typing import Any, Final
@@ -43,7 +44,7 @@ from .history import (
 )
 from .messages import MAX_ID_LENGTH, SERVICE_REQUIRED_FIELDS
 from .redis_keys import Keys
-from .resp import PipelinedClient, RedisReplyError, RedisUnavailable
+from .resp import Commands, PipelinedClient, RedisReplyError, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,13 @@ local function history_keys(user_id)
   return head .. 'list:' .. user_id, head .. 'meta:' .. user_id, head .. 'ids:' .. user_id
 end
 
-local function user_channel(user_id) return PREFIX .. ':user:' .. user_id end
+-- Keys.user_channel: in a cluster the channel carries the userId's hash tag, so the SPUBLISH stays
+-- in the slot this call was routed to.
+local function user_channel(user_id)
+  if not CLUSTER then return PREFIX .. ':user:' .. user_id end
+  if not string.find(user_id, '}', 1, true) then return PREFIX .. ':user:{' .. user_id .. '}' end
+  return PREFIX .. ':user:{' .. (hash_tag(user_id) or '') .. '}:' .. user_id
+end
 
 -- The decoded facts of a valid message, or nil and the reason (the same words as history.check_message).
 local function check_message(raw, now)
@@ -264,7 +271,7 @@ local function record(user_id, raw)
   local facts, reason = check_message(raw, now_ms(time))
   if not facts then return nil, reason end
   if HISTORY_SIZE == 0 or LATEST_VALUE[facts.kind] then
-    redis.call('PUBLISH', user_channel(user_id), raw)
+    redis.call(PUBLISH_COMMAND, user_channel(user_id), raw)
     return {0, 0, false, facts.id or ''}
   end
   local list, meta, ids = history_keys(user_id)
@@ -293,7 +300,7 @@ local function record(user_id, raw)
   end
   redis.call('PEXPIRE', list, HISTORY_TTL_MS)
   redis.call('PEXPIRE', meta, HISTORY_TTL_MS)
-  redis.call('PUBLISH', user_channel(user_id), data)
+  redis.call(PUBLISH_COMMAND, user_channel(user_id), data)
   return {seq, 0, epoch, message_id}
 end
 
@@ -378,6 +385,8 @@ def render_library(keys: Keys, *, size: int, ttl_s: float, max_message_size: int
     constants = "\n".join([
         f"local PREFIX = {lua_string(keys.prefix)}",
         f"local FN = {lua_string(keys.function_prefix())}",
+        f"local CLUSTER = {'true' if keys.cluster else 'false'}",
+        f"local PUBLISH_COMMAND = {lua_string('SPUBLISH' if keys.cluster else 'PUBLISH')}",
         f"local HISTORY_SIZE = {size}",
         f"local HISTORY_TTL_MS = {max(1, round(ttl_s * 1000))}",
         f"local MAX_MESSAGE_SIZE = {max_message_size}",
@@ -417,7 +426,7 @@ class RedisHistory:
     the release before (docs/BENCHMARKS.md), moving the calls here took memory per idle connection
     from 3.52 to 3.15 KB and CPU per new connection from 0.55 to 0.49 ms."""
 
-    def __init__(self, commands: PipelinedClient, keys: Keys, size: int, ttl_s: float,
+    def __init__(self, commands: Commands, keys: Keys, size: int, ttl_s: float,
                  max_message_size: int) -> None:
         self._commands = commands
         self._keys = keys
@@ -433,16 +442,20 @@ class RedisHistory:
         FUNCTION LOAD REPLACE is atomic, so instances loading at once, or a service calling the
         function meanwhile, see either the old library or the new one. Raises BusUnavailable."""
         try:
-            if await self._loaded_version() == self._version:
-                return
-            await self._commands.call("FUNCTION", "LOAD", "REPLACE", self._source)
+            nodes = await self._commands.nodes()  # in a Redis Cluster, every primary
+            await asyncio.gather(*(self._load_on(node) for node in nodes))
         except (RedisUnavailable, RedisReplyError) as exc:
             raise BusUnavailable(f"loading the history functions failed: {exc}") from None
+
+    async def _load_on(self, node: PipelinedClient) -> None:
+        if await self._loaded_version(node) == self._version:
+            return
+        await node.call("FUNCTION", "LOAD", "REPLACE", self._source)
         log.info("loaded Redis function library %s (version %s)", self._keys.history_library(), self._version[:12])
 
-    async def _loaded_version(self) -> str | None:
+    async def _loaded_version(self, node: PipelinedClient) -> str | None:
         try:
-            return _text(await self._commands.call("FCALL_RO", self._version_function, 0))
+            return _text(await node.call("FCALL_RO", self._version_function, 0))
         except RedisReplyError as exc:
             if FUNCTION_NOT_FOUND in str(exc):
                 return None

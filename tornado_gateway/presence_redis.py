@@ -36,14 +36,14 @@ from .connection import Connection
 from .messages import USER_TYPES, dumps
 from .presence import DeviceLimitReached, PresenceEntry, Registration, ServerStats, presence_entry, stamp_of
 from .redis_keys import Keys
-from .resp import PipelinedClient, RedisReplyError, RedisUnavailable
+from .resp import Commands, RedisReplyError, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
 # KEYS: presence hash, server users set, users set.
 # ARGV: deviceId, entry JSON, userId, max devices (0: no cap), stamp, connectionId.
 # Returns {'limit'}, {'newer', entry} (a newer connection owns the device: nothing written) or {'ok', displaced|nil}.
-REGISTER = """
+REGISTER_BODY = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old then
   local ok, entry = pcall(cjson.decode, old)
@@ -60,6 +60,8 @@ elseif tonumber(ARGV[4]) > 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]
   return {'limit'}
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+"""
+REGISTER = REGISTER_BODY + """
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[3])
 return {'ok', old}
@@ -81,7 +83,7 @@ return 1
 # ARGV: serverId, userId, pass start stamp, connectionIds this instance holds for the user.
 # Removes the instance's entries for connections it no longer holds and that were opened before the pass
 # started (a registration that lands during the pass is never pruned); forgets the user when nothing is left.
-PRUNE = """
+PRUNE_BODY = """
 local keep = {}
 for i = 4, #ARGV do keep[ARGV[i]] = true end
 local started = tonumber(ARGV[3])
@@ -97,6 +99,8 @@ for i = 1, #fields, 2 do
     end
   end
 end
+"""
+PRUNE = PRUNE_BODY + """
 if mine == 0 and #ARGV == 3 then redis.call('SREM', KEYS[2], ARGV[2]) end
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[3], ARGV[2]) end
 return mine
@@ -131,7 +135,7 @@ SWEEP_PAGE = 500  # users set members checked per housekeeping tick
 _STAT_FIELDS = ("totalConnections", "uniqueUsers", *USER_TYPES)
 
 
-def _decode_entry(raw: bytes | None) -> PresenceEntry | None:
+def decode_entry(raw: bytes | None) -> PresenceEntry | None:
     if raw is None:
         return None
     try:
@@ -142,7 +146,7 @@ def _decode_entry(raw: bytes | None) -> PresenceEntry | None:
 
 
 class RedisPresence:
-    def __init__(self, redis: Redis, commands: PipelinedClient, keys: Keys, server_id: str,
+    def __init__(self, redis: Redis, commands: Commands, keys: Keys, server_id: str,
                  instance_ttl_s: float) -> None:
         self._redis = redis
         self._commands = commands
@@ -170,8 +174,8 @@ class RedisPresence:
         if outcome == b"limit":
             raise DeviceLimitReached(max_devices)
         if outcome == b"newer":
-            return Registration(superseded=True, superseded_by=_decode_entry(reply[1]))
-        return Registration(displaced=_decode_entry(reply[1] if len(reply) > 1 else None))
+            return Registration(superseded=True, superseded_by=decode_entry(reply[1]))
+        return Registration(displaced=decode_entry(reply[1] if len(reply) > 1 else None))
 
     async def unregister(self, conn: Connection, *, last_local: bool) -> None:
         ident = conn.identity
@@ -191,14 +195,7 @@ class RedisPresence:
 
     async def publish_server(self, stats: ServerStats) -> bool:
         key = self._keys.server(self._server_id)
-        mapping: dict[FieldT, EncodableT] = {
-            "serverId": stats["serverId"],
-            "totalConnections": stats["totalConnections"],
-            "uniqueUsers": stats["uniqueUsers"],
-            "startedAt": int(time.time()) - stats["uptime"],
-            "updatedAt": int(time.time() * 1000),
-            **{user_type: stats["byUserType"][user_type] for user_type in USER_TYPES},
-        }
+        mapping: dict[FieldT, EncodableT] = {name: value for name, value in self._server_fields(stats).items()}
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.exists(key)
             pipe.hset(key, mapping=mapping)
@@ -206,6 +203,17 @@ class RedisPresence:
             pipe.sadd(self._keys.servers, self._server_id)
             existed, *_ = await pipe.execute()
         return bool(existed)
+
+    @staticmethod
+    def _server_fields(stats: ServerStats) -> dict[str, str | int]:
+        return {
+            "serverId": stats["serverId"],
+            "totalConnections": stats["totalConnections"],
+            "uniqueUsers": stats["uniqueUsers"],
+            "startedAt": int(time.time()) - stats["uptime"],
+            "updatedAt": int(time.time() * 1000),
+            **{user_type: stats["byUserType"][user_type] for user_type in USER_TYPES},
+        }
 
     async def remove_server(self, connections: Iterable[Connection]) -> None:
         await self._purge_instance(self._server_id)
@@ -242,7 +250,7 @@ class RedisPresence:
         servers: list[ServerStats] = []
         for server_id, row in zip(ids, rows, strict=True):
             if row:
-                servers.append(_stats_from_hash(server_id, row, now))
+                servers.append(stats_from_hash(server_id, row, now))
         return servers
 
     async def unique_users(self) -> int:
@@ -306,7 +314,7 @@ class RedisPresence:
             [self._server_id, user_id, started_us, *connection_ids])
 
 
-def _stats_from_hash(server_id: str, row: dict[bytes, bytes], now: int) -> ServerStats:
+def stats_from_hash(server_id: str, row: dict[bytes, bytes], now: int) -> ServerStats:
     values = {k.decode(): v.decode() for k, v in row.items()}
 
     def count(name: str) -> int:

@@ -53,7 +53,7 @@ class RedisEndpoint:
     def __init__(self, url: str) -> None:
         self.url = url
         self._moved: list[MovedCallback] = []
-        self._clients: list[Redis] = []  # closed by stop()
+        self._clients: list[Any] = []  # Redis (or RedisCluster) clients, closed by stop()
 
     async def primary_url(self) -> str:
         return self.url
@@ -117,10 +117,7 @@ class SentinelEndpoint(RedisEndpoint):
     async def primary_url(self) -> str:
         """REDIS_URL with the primary's host:port. Raises ConnectionError while no sentinel names a
         primary that is up (between a crash and the promotion): callers retry as for a Redis outage."""
-        host, port = await self.primary()
-        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        userinfo = self._parts.netloc.rpartition("@")[0]
-        return urllib.parse.urlunsplit(self._parts._replace(netloc=f"{userinfo}@{netloc}" if userinfo else netloc))
+        return with_address(self.url, await self.primary())
 
     async def primary(self) -> Address:
         """Ask the sentinels; concurrent callers share one question, and an answer (or a failure) is
@@ -237,8 +234,20 @@ class SentinelEndpoint(RedisEndpoint):
         task.add_done_callback(self._background.discard)
 
 
+def with_address(url: str, address: Address) -> str:
+    """`url` (scheme, credentials, db, TLS query) with another node's host:port."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = address
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    userinfo = parts.netloc.rpartition("@")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc}" if userinfo else netloc))
+
+
 def endpoint_for(settings: Settings) -> RedisEndpoint:
     """The endpoint the settings describe (config.validate has checked them)."""
+    if settings.redis_cluster:
+        from .redis_cluster import ClusterEndpoint  # imports this module
+        return ClusterEndpoint(settings.redis_url)
     if not settings.redis_sentinels:
         return RedisEndpoint(settings.redis_url)
     return SentinelEndpoint(settings.redis_url, parse_sentinels(settings.redis_sentinels),

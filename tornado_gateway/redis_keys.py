@@ -1,24 +1,47 @@
-"""Every Redis key and channel name, built from the configurable prefix in one place."""
+"""Every Redis key and channel name, built from the configurable prefix in one place.
+
+In Redis Cluster mode (`REDIS_CLUSTER`) the per-user and per-instance names carry a hash tag, so
+that everything of one user (channel, presence, history) lives in the slot of the bare userId and
+everything of one instance in the slot of its serverId: `gateway:user:{u1}`,
+`gateway:presence:{u1}`, `gateway:server:{i1}`, `gateway:control:{i1}`. A Lua script or function
+may only touch keys (and SPUBLISH to channels) of one slot, and the gateway_publish function is
+routed by the bare userId. Single-Redis names stay exactly those of the contract (`gateway:user:u1`).
+"""
 
 from __future__ import annotations
 
 
 class Keys:
-    __slots__ = ("prefix", "user_channel_prefix", "servers")
+    __slots__ = ("prefix", "cluster", "user_channel_prefix", "servers")
 
-    def __init__(self, prefix: str = "gateway") -> None:
+    def __init__(self, prefix: str = "gateway", *, cluster: bool = False) -> None:
         self.prefix = prefix
+        self.cluster = cluster
         self.user_channel_prefix = f"{prefix}:user:"
         self.servers = f"{prefix}:servers"
 
     def user_channel(self, user_id: str) -> str:
+        if self.cluster:
+            return self.tagged("user", user_id)
         return f"{self.user_channel_prefix}{user_id}"
 
     def presence(self, user_id: str) -> str:
+        if self.cluster:
+            return self.tagged("presence", user_id)
         return f"{self.prefix}:presence:{user_id}"
 
     def server(self, server_id: str) -> str:
+        if self.cluster:
+            return self.tagged("server", server_id)
         return f"{self.prefix}:server:{server_id}"
+
+    def tagged(self, kind: str, ident: str, suffix: str = "") -> str:
+        """`<prefix>:<kind>:{<ident>}<suffix>`: the slot of the bare ident (see `_history_key` for an
+        ident with `}`)."""
+        head = f"{self.prefix}:{kind}:{{"
+        if "}" not in ident:
+            return f"{head}{ident}}}{suffix}"
+        return f"{head}{self.hash_tag(ident) or ''}}}{suffix}:{ident}"
 
     def users(self) -> str:
         """Addition to the contract: the set of userIds with at least one entry in presence, kept by the
@@ -27,6 +50,8 @@ class Keys:
 
     def server_users(self, server_id: str) -> str:
         """Addition to the contract: the users with a device on that instance, for dead-instance cleanup."""
+        if self.cluster:
+            return self.tagged("server", server_id, ":users")
         return f"{self.prefix}:server:{server_id}:users"
 
     def stream(self, kind: str) -> str:
@@ -38,7 +63,14 @@ class Keys:
 
     def control(self, server_id: str) -> str:
         """Addition to the contract: per-instance commands such as "close device X of user Y"."""
+        if self.cluster:
+            return self.tagged("control", server_id)
         return f"{self.prefix}:control:{server_id}"
+
+    def probe(self, server_id: str, tag: str) -> str:
+        """Cluster mode: the self-probe channel of one shard's subscriber connection; `tag` is
+        chosen so that the channel's slot is one that shard serves."""
+        return f"{self.prefix}:probe:{{{tag}}}:{server_id}"
 
     # --- history (PROTOCOL.md section 7) ------------------------------------------------------
     #

@@ -70,6 +70,24 @@ class PrimarySource(Protocol):
     async def primary_url(self) -> str: ...
 
 
+class Commands(Protocol):
+    """What the gateway sends commands through: a PipelinedClient, or redis_cluster.ClusterClient
+    (one PipelinedClient per primary, each command routed by its key)."""
+
+    async def call(self, *args: str | bytes | int) -> Any: ...
+
+    async def evalsha(self, sha: str, keys: list[str], args: list[str | int]) -> Any: ...
+
+    def script(self, source: str) -> str: ...
+
+    async def nodes(self) -> list[PipelinedClient]:
+        """A client per primary, for what every primary must hold (the history functions)."""
+
+    def primary_moved(self, address: tuple[str, int]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class FixedPrimary:
     """REDIS_URL as it is: single-Redis mode."""
 
@@ -251,6 +269,9 @@ class PipelinedClient:
         link = self._link
         if link is not None and link.conn.address != address:
             self._fail(link, RedisUnavailable("the Redis primary moved"))
+
+    async def nodes(self) -> list[PipelinedClient]:
+        return [self]
 
     def script(self, source: str) -> str:
         sha = hashlib.sha1(source.encode()).hexdigest()

@@ -20,6 +20,7 @@ from tornado.netutil import bind_sockets
 from .app import make_app
 from .bus import Bus, MemoryBus
 from .bus_redis import Probe, RedisBus
+from .bus_redis_cluster import ClusterBus
 from .config import DEV_JWT_SECRET, MEMORY_URL, Settings
 from .gateway import Gateway
 from .history import History, MemoryHistory
@@ -27,9 +28,11 @@ from .history_redis import RedisHistory
 from .metrics import Metrics
 from .presence import MemoryPresence, Presence
 from .presence_redis import RedisPresence
+from .presence_redis_cluster import ClusterPresence
+from .redis_cluster import ClusterClient, ClusterEndpoint
 from .redis_endpoint import RedisEndpoint, endpoint_for
 from .redis_keys import Keys
-from .resp import PipelinedClient
+from .resp import Commands, PipelinedClient
 
 log = logging.getLogger("tornado_gateway")
 
@@ -96,12 +99,22 @@ async def build_backends(settings: Settings, metrics: Metrics) -> Backends:
             log.warning("=" * 72)
             await endpoint.stop()
             return embedded_backends(settings)
-    keys = Keys(settings.redis_prefix)
-    commands = PipelinedClient(endpoint)
-    presence = RedisPresence(redis, commands, keys, settings.server_id, settings.instance_ttl_s)
-    bus = RedisBus(commands, endpoint, keys, settings.server_id, metrics,
-                   stream_maxlen=settings.dispatch_stream_maxlen, probe=Probe(settings.probe_interval_s,
-                                                                               settings.probe_timeout_s))
+    probe = Probe(settings.probe_interval_s, settings.probe_timeout_s)
+    presence: Presence
+    bus: Bus
+    commands: Commands
+    if isinstance(endpoint, ClusterEndpoint):
+        keys = Keys(settings.redis_prefix, cluster=True)
+        commands = ClusterClient(endpoint)
+        presence = ClusterPresence(redis, commands, keys, settings.server_id, settings.instance_ttl_s)
+        bus = ClusterBus(commands, endpoint, keys, settings.server_id, metrics,
+                         stream_maxlen=settings.dispatch_stream_maxlen, probe=probe)
+    else:
+        keys = Keys(settings.redis_prefix)
+        commands = PipelinedClient(endpoint)
+        presence = RedisPresence(redis, commands, keys, settings.server_id, settings.instance_ttl_s)
+        bus = RedisBus(commands, endpoint, keys, settings.server_id, metrics,
+                       stream_maxlen=settings.dispatch_stream_maxlen, probe=probe)
     history = RedisHistory(commands, keys, settings.history_size, settings.history_ttl_s, settings.max_message_size)
     endpoint.on_primary_moved(commands.primary_moved, bus.primary_moved)
     await endpoint.start()
