@@ -22,7 +22,13 @@ REDIS_SENTINEL_MASTER)::
 
     publisher = Publisher.for_sentinels("10.0.0.5:26379,10.0.0.6:26379,10.0.0.7:26379", "gateway-redis")
 
-It then follows a failover: redis-py asks the sentinels on every new connection and drops one
+On a Redis Cluster (the gateway's REDIS_CLUSTER), give any one node; redis-py's cluster client
+finds the rest, sends each call to the primary of the user's slot and follows MOVED/ASK and
+failovers::
+
+    publisher = Publisher.for_cluster("redis://10.0.0.5:6379")
+
+A Sentinel publisher follows a failover: redis-py asks the sentinels on every new connection and drops one
 that answers READONLY (the old primary, demoted). A call that fails in the failover raises
 redis-py's ConnectionError; retrying it with the same `message_id` is safe (7.3).
 
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ResponseError
 
@@ -74,9 +81,16 @@ class FunctionNotLoaded(RuntimeError):
 
 
 class Publisher:
-    def __init__(self, redis: Redis, prefix: str = "gateway") -> None:
+    def __init__(self, redis: Redis | RedisCluster, prefix: str = "gateway") -> None:
         self._redis = redis
         self._function = Keys(prefix).function("record")
+
+    @classmethod
+    def for_cluster(cls, url: str, prefix: str = "gateway", **connection: Any) -> Publisher:
+        """A publisher on a Redis Cluster: `url` names any node (as the gateway's REDIS_URL with
+        REDIS_CLUSTER=true); the call is routed by its key, the userId, which is the slot of all
+        the user's keys and channel (docs/PROTOCOL.md, "Redis Cluster")."""
+        return cls(RedisCluster.from_url(url, **connection), prefix)
 
     @classmethod
     def for_sentinels(cls, sentinels: str, master: str, prefix: str = "gateway", *,
