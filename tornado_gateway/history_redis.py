@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 #: empty, or someone ran FUNCTION FLUSH.
 FUNCTION_NOT_FOUND: Final = "Function not found"
 
+UNRECORDABLE_USER_REASON: Final = ("this userId has a '}' but no hash tag: on a Redis Cluster its history cannot "
+                                   "share the slot of the bare userId, so messages to it are not recorded")
+
 # The library body; render_library() puts the constants (PREFIX, FN, HISTORY_SIZE, ...) above it.
 # KEYS[1] of every function is the bare userId: see the module docstring.
 LIBRARY_BODY: Final = r"""
@@ -462,6 +465,8 @@ class RedisHistory:
             raise
 
     async def record(self, user_id: str, message: bytes | str) -> RecordResult:
+        if not self._keys.recordable(user_id):
+            raise refusal(UNRECORDABLE_USER_REASON)
         seq, duplicate, epoch, message_id = await self._call(self._record, user_id, message)
         return RecordResult(seq=int(seq), epoch=None if epoch is None else _text(epoch), duplicate=bool(duplicate),
                             message_id=_text(message_id), recorded=int(seq) > 0)
@@ -479,6 +484,8 @@ class RedisHistory:
     async def _call(self, function: str, user_id: str, *args: str | bytes | int, read_only: bool = False) -> Any:
         """One FCALL; a missing library (Redis restarted empty, FUNCTION FLUSH) is loaded and the call retried once."""
         command = "FCALL_RO" if read_only else "FCALL"
+        if not self._keys.recordable(user_id):
+            raise BusUnavailable(UNRECORDABLE_USER_REASON)
         for attempt in (1, 2):
             try:
                 return await self._commands.call(command, function, 1, user_id, *args)

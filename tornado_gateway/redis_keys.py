@@ -105,6 +105,11 @@ class Keys:
             return f"{head}{user_id}}}" + ("" if kind == "list" else f":{kind}")
         return f"{head}{self.hash_tag(user_id) or ''}}}:{kind}:{user_id}"
 
+    def recordable(self, user_id: str) -> bool:
+        """Whether the history function can run for this user: always in single mode; in a cluster,
+        unless the id has a `}` but no hash tag (its keys cannot share the bare id's slot)."""
+        return not self.cluster or "}" not in user_id or self.hash_tag(user_id) is not None
+
     @staticmethod
     def hash_tag(key: str) -> str | None:
         """Redis Cluster's rule: the text between the first `{` and the first `}` after it, if not empty."""
