@@ -181,7 +181,12 @@ class ClusterEndpoint(RedisEndpoint):
         return client
 
     async def start(self) -> None:
-        await self.refresh(force=True)
+        """A cluster down at start is an outage like any other: the instance starts, `/ready` says
+        503, and the subscriber asks for the map until it gets one."""
+        try:
+            await self.refresh(force=True)
+        except RedisUnavailable as exc:
+            log.warning("Redis Cluster slot map not read yet (%s); retrying in the background", exc)
 
 
 class ClusterClient:
