@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 MAP_CHECK_S = 5.0  # the slot map is asked again this often (a reshard moves slots without any error)
 MAP_RETRY_S = 0.5  # ... and this often while it is unknown or a shard is not ready
 PROBE_TAG_TRIES = 100_000
+LOST: Address = ("", 0)  # the home of a channel Redis unsubscribed us from: to be placed again
 
 
 class ShardSource:
@@ -251,9 +252,10 @@ class ClusterBus(RedisPublishing):
             self._spawn(self._place_quietly(announce=True))
 
     def lost(self, channel: str) -> None:
-        """Redis dropped one of our subscriptions: place it again (wherever the map now says)."""
+        """Redis dropped one of our subscriptions: place it again (wherever the map now says), and
+        count it as moved (what was published meanwhile is read back)."""
         if channel in self._home:
-            self._home[channel] = None
+            self._home[channel] = LOST
         self.replace_lost()
 
     def replace_lost(self) -> None:
@@ -303,7 +305,7 @@ class ClusterBus(RedisPublishing):
                 continue
             if home is not None:
                 moved += 1
-                if home in self._shards:
+                if home != LOST and home in self._shards:
                     self._shards[home].unsubscribe_channel(channel)
             self._home[channel] = owner
             waits.append(self._shards[owner].subscribe_channel(channel))
@@ -320,7 +322,7 @@ class ClusterBus(RedisPublishing):
             await asyncio.sleep(MAP_CHECK_S if self.ready else MAP_RETRY_S)
             try:
                 await self.endpoint.refresh(force=True)  # a change calls _slots_changed
-                if not self.ready or None in self._home.values():
+                if not self.ready or None in self._home.values() or LOST in self._home.values():
                     await self._place(announce=True)
             except RedisUnavailable as exc:
                 log.debug("Redis Cluster map check failed: %s", exc)
