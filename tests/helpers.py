@@ -123,6 +123,12 @@ class GatewayProcess:
         log.close()
         if not wait:
             return self
+        return self.wait_started(wait_ready=wait_ready)
+
+    def wait_started(self, *, wait_ready: bool = True) -> GatewayProcess:
+        """Block until `/ready` (or `/health`) answers 200: for processes started with wait=False, so
+        that several start side by side (`start_all`)."""
+        assert self.proc is not None
         path = "/ready" if wait_ready else "/health"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -207,6 +213,13 @@ class GatewayProcess:
             return response.code, json.loads(text) if text else None
         except ValueError:
             return response.code, text
+
+
+def start_all(*gateways: GatewayProcess) -> list[GatewayProcess]:
+    """Start the processes side by side and wait until each is ready (what one start() does, in parallel)."""
+    for gateway in gateways:
+        gateway.start(wait=False)
+    return [gateway.wait_started() for gateway in gateways]
 
 
 class Client:

@@ -118,11 +118,21 @@ class Publisher:
         when Redis is unreachable (then retrying with the same `message_id` is safe)."""
         body = self._encode(type, payload, message_id, expires_at_ms, receipt)
         try:
-            seq, duplicate, epoch, recorded_id = await self._redis.fcall(self._function, 1, user_id, body)
+            seq, duplicate, epoch, recorded_id = await self._call(user_id, body)
         except ResponseError as exc:
             raise self._explain(exc) from None
         return PublishResult(seq=int(seq), duplicate=bool(duplicate), epoch=None if epoch is None else _text(epoch),
                              message_id=_text(recorded_id))
+
+    async def _call(self, user_id: str, body: str) -> Any:
+        """On a cluster the node is named from the userId: redis-py 8 finds an FCALL's key by asking
+        its seed node (COMMAND GETKEYS), so once the seed died every call failed and the slot map
+        was never read again (tests/test_redis_cluster.py kills the seed)."""
+        if not isinstance(self._redis, RedisCluster):
+            return await self._redis.fcall(self._function, 1, user_id, body)
+        await self._redis.initialize()
+        return await self._redis.execute_command("FCALL", self._function, 1, user_id, body,
+                                                 target_nodes=self._redis.get_node_from_key(user_id))
 
     @staticmethod
     def _encode(kind: str, payload: dict[str, Any], message_id: str | None, expires_at_ms: int | None,
