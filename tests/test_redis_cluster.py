@@ -718,3 +718,54 @@ async def test_a_manual_failover_moves_the_sharded_subscriptions_off_the_demoted
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# --- resharding ---------------------------------------------------------------------------------
+
+
+def migrate_slot(cluster: ClusterTopology, slot: int, source: Node, target: Node) -> None:
+    """What `redis-cli --cluster reshard` does for one slot: IMPORTING/MIGRATING, MIGRATE its keys,
+    then SETSLOT NODE on every primary."""
+    source_client, target_client = source.client(), target.client()
+    target_client.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", cluster.node_id(source))
+    source_client.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", cluster.node_id(target))
+    while keys := source_client.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+        source_client.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+    for primary in cluster.primaries():
+        primary.client().execute_command("CLUSTER SETSLOT", slot, "NODE", cluster.node_id(target))
+
+
+async def test_a_users_slot_moved_by_a_resharding_keeps_delivering_in_order_on_both_instances(
+        fresh_cluster: ClusterTopology, spawn: Callable[..., GatewayProcess], clients: list[Client]) -> None:
+    """A slot moves to another primary while the user has a device on each instance and records keep
+    coming: Redis drops the sharded subscriptions there (`sunsubscribe`), both instances subscribe on
+    the new owner, the history moves with the slot (same epoch, numbering goes on), nothing is lost."""
+    cluster = fresh_cluster
+    prefix = unique("gwreshard")
+    seeds = cluster.primaries()
+    first_gw, second_gw = (spawn(cluster, prefix, seed) for seed in seeds[:2])
+    source = seeds[2]
+    target = seeds[0]
+    user = cluster.key_on(source)
+    channel = user_channel(prefix, user)
+    devices = [await first_gw.connect(user, device_id="phone"), await second_gw.connect(user, device_id="tablet")]
+    clients.extend(devices)
+    epoch = devices[0].frames[0]["payload"]["epoch"]
+    publisher = Publisher.for_cluster(cluster.seed_url(), prefix=prefix)
+    try:
+        seqs = [(await publisher.publish(user, "ride_request", {"requestId": f"r{n}"})).seq for n in range(1, 4)]
+        migrate_slot(cluster, cluster.client().keyslot(user), source, target)
+        await eventually(lambda: shard_subscribers(target, channel) == 2, timeout=5)
+        seqs += [(await publisher.publish(user, "ride_request", {"requestId": f"r{n}"})).seq for n in range(4, 7)]
+    finally:
+        await publisher.aclose()
+    assert seqs == [1, 2, 3, 4, 5, 6]
+    for device in devices:
+        frames = [await device.recv("ride_request") for _ in range(6)]
+        assert [(f["seq"], f["payload"]["requestId"]) for f in frames] == [(n, f"r{n}") for n in range(1, 7)]
+    assert shard_subscribers(source, channel) == 0
+    back = await resume(second_gw, user, since=2, epoch=epoch, device="watch")
+    clients.append(back)
+    connected = (await back.recv("connected"))["payload"]
+    assert (connected["recovered"], connected["epoch"]) == (True, epoch)
+    assert [m["seq"] for m in await drain(back, "ride_request")] == [3, 4, 5, 6]

@@ -124,6 +124,10 @@ class Publisher:
         return PublishResult(seq=int(seq), duplicate=bool(duplicate), epoch=None if epoch is None else _text(epoch),
                              message_id=_text(recorded_id))
 
+    async def aclose(self) -> None:
+        """Close the Redis client (and its connections to every node)."""
+        await self._redis.aclose()
+
     async def _call(self, user_id: str, body: str) -> Any:
         """On a cluster the node is named from the userId: redis-py 8 finds an FCALL's key by asking
         its seed node (COMMAND GETKEYS), so once the seed died every call failed and the slot map
