@@ -31,6 +31,7 @@ from redis.exceptions import RedisClusterException
 from tests.helpers import Client, GatewayProcess, eventually, make_token, start_all, unique
 from tests.redis_topology import REDIS_CLI, ClusterTopology, Node
 from tests.test_sentinel import Device, Producer, first
+from tornado_gateway.config import ConfigError, load_settings
 from tornado_gateway.publisher import Publisher
 from tornado_gateway.redis_keys import Keys
 
@@ -429,6 +430,48 @@ async def test_receipts_reach_the_classic_event_channel_and_the_stream(
     entries = rc.xrange(f"{prefix}:stream:receipt")
     streamed = [json.loads(fields[b"data"]) for _id, fields in entries]
     assert [e["payload"] for e in streamed if e["userId"] == client.user_id] == [{"messageId": message_id}]
+
+
+async def test_with_event_shards_location_updates_go_to_sharded_channels_one_partition_per_driver(
+        cluster: ClusterTopology, spawn: Callable[..., GatewayProcess], rc: redis.RedisCluster,
+        clients: list[Client]) -> None:
+    """EVENT_SHARDS=4: a service SSUBSCRIBEs the four `<prefix>:events:location_update:{n}` channels
+    (redis-py's cluster pub/sub sends each to its slot's node) and gets every update, each driver's
+    always on one partition (their order kept); nothing goes to the classic channel any more."""
+    prefix = unique("gwevents")
+    gateway = spawn(cluster, prefix, cluster.primaries()[0], {"EVENT_SHARDS": "4"})
+    partitions = [f"{prefix}:events:location_update:{{{n}}}" for n in range(4)]
+    assert len({cluster.primary_for_key(channel).port for channel in partitions}) > 1  # spread over shards
+    sharded = rc.pubsub()
+    sharded.ssubscribe(*partitions)
+    classic = cluster.primaries()[1].client().pubsub()
+    classic.subscribe(f"{prefix}:events:location_update")
+    drivers = [await gateway.connect(unique("drv")) for _ in range(8)]
+    clients.extend(drivers)
+    try:
+        for n, driver in enumerate(drivers * 2):
+            reply = await driver.request({"type": "location_update", "payload": {
+                "latitude": 12.9, "longitude": 77.6, "timestamp": n}})
+            assert reply["type"] == "ack"
+        seen: dict[str, set[str]] = {}  # driver -> the partitions its updates came on
+        received = 0
+        while received < 16:
+            message = await eventually(lambda: sharded.get_sharded_message(timeout=0.01), timeout=5)
+            if message["type"] == "smessage":
+                received += 1
+                seen.setdefault(json.loads(message["data"])["userId"], set()).add(message["channel"].decode())
+        classic_messages = [m for m in iter(lambda: classic.get_message(timeout=0.2), None) if m["type"] == "message"]
+    finally:
+        sharded.close()
+        classic.close()
+    assert set(seen) == {driver.user_id for driver in drivers}
+    assert all(len(channels) == 1 and channels <= set(partitions) for channels in seen.values()), seen
+    assert classic_messages == []
+
+
+async def test_event_shards_without_a_cluster_is_refused_at_start() -> None:
+    with pytest.raises(ConfigError, match="EVENT_SHARDS needs REDIS_CLUSTER"):
+        load_settings(env={"EVENT_SHARDS": "4", "JWT_SECRET": "x"})
 
 
 async def test_an_instance_seeded_with_a_replica_discovers_the_cluster(

@@ -49,9 +49,12 @@ class Bus(Protocol):
 
     async def publish_user(self, user_id: str, data: str) -> None: ...
 
-    async def publish_event(self, kind: str, data: str) -> None: ...
+    async def publish_event(self, kind: str, data: str, sender: str) -> None:
+        """To the kind's channel; `sender`, the userId the event came from, picks the channel's
+        partition when events are sharded (EVENT_SHARDS, Redis Cluster), so one user's events keep
+        their order."""
 
-    async def append_event(self, kind: str, data: str) -> None:
+    async def append_event(self, kind: str, data: str, sender: str) -> None:
         """XADD to the kind's stream `gateway:stream:{kind}` (capped), then PUBLISH to its channel: the
         events a service must not miss (dispatch responses, receipts) go to both."""
 
@@ -98,12 +101,12 @@ class MemoryBus:
         if self._listener is not None and user_id in self._users:
             asyncio.get_running_loop().call_soon(self._listener.on_user_message, user_id, data)
 
-    async def publish_event(self, kind: str, data: str) -> None:
+    async def publish_event(self, kind: str, data: str, sender: str) -> None:
         self.events_dropped += 1
         log.debug("memory bus: %s event not forwarded (no Redis)", kind)
 
-    async def append_event(self, kind: str, data: str) -> None:
-        await self.publish_event(kind, data)
+    async def append_event(self, kind: str, data: str, sender: str) -> None:
+        await self.publish_event(kind, data, sender)
 
     async def send_control(self, server_id: str, data: str) -> None:
         return None

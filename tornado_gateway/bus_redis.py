@@ -71,8 +71,13 @@ class RedisPublishing:
     async def publish_user(self, user_id: str, data: str) -> None:
         await self._publish(self.PUBLISH_COMMAND, self._keys.user_channel(user_id), data)
 
-    async def publish_event(self, kind: str, data: str) -> None:
+    async def publish_event(self, kind: str, data: str, sender: str) -> None:
         await self._publish("PUBLISH", self._keys.events(kind), data)
+
+    def _event_channel(self, kind: str, sender: str) -> tuple[str, str]:
+        """(command, channel) of a client event: classic `gateway:events:<kind>` (bus_redis_cluster.py
+        may shard them)."""
+        return "PUBLISH", self._keys.events(kind)
 
     async def send_control(self, server_id: str, data: str) -> None:
         await self._publish(self.PUBLISH_COMMAND, self._keys.control(server_id), data)
@@ -86,13 +91,13 @@ class RedisPublishing:
             raise BusUnavailable(str(exc)) from None
         self._metrics.timing(m.REDIS_PUBLISH_MS, (time.perf_counter() - started) * 1000.0)
 
-    async def append_event(self, kind: str, data: str) -> None:
+    async def append_event(self, kind: str, data: str, sender: str) -> None:
         started = time.perf_counter()
         try:
             # Both go out in the same write; the ack waits for the stream entry, as the contract says.
             added = self._commands.call("XADD", self._keys.stream(kind), "MAXLEN", "~", self._stream_maxlen,
                                         "*", "data", data)
-            published = self._commands.call("PUBLISH", self._keys.events(kind), data)
+            published = self._commands.call(*self._event_channel(kind, sender), data)
             await asyncio.gather(added, published)
         except REDIS_ERRORS as exc:
             self._metrics.incr(m.REDIS_ERRORS)

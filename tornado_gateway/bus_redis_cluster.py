@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from typing import Any
 
 from . import metrics as m
@@ -154,8 +155,9 @@ class ClusterBus(RedisPublishing):
     PUBLISH_COMMAND = "SPUBLISH"
 
     def __init__(self, commands: ClusterClient, endpoint: ClusterEndpoint, keys: Keys, server_id: str,
-                 metrics: Metrics, *, stream_maxlen: int, probe: Probe | None = None) -> None:
+                 metrics: Metrics, *, stream_maxlen: int, probe: Probe | None = None, event_shards: int = 0) -> None:
         super().__init__(commands, keys, metrics, stream_maxlen)
+        self.event_shards = event_shards
         self.commands = commands
         self.endpoint = endpoint
         self.keys = keys
@@ -331,6 +333,19 @@ class ClusterBus(RedisPublishing):
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # --- client events ---------------------------------------------------------------------------
+
+    async def publish_event(self, kind: str, data: str, sender: str) -> None:
+        await self._publish(*self._event_channel(kind, sender), data)
+
+    def _event_channel(self, kind: str, sender: str) -> tuple[str, str]:
+        """Classic `gateway:events:<kind>` (copied to every node), or with EVENT_SHARDS one of N
+        sharded channels picked by the sender, so that events cost one shard each and one user's
+        stay in order."""
+        if not self.event_shards:
+            return "PUBLISH", self.keys.events(kind)
+        return "SPUBLISH", self.keys.event_partition(kind, zlib.crc32(sender.encode()) % self.event_shards)
 
     # --- the rest of the Bus -------------------------------------------------------------------
 

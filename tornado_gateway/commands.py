@@ -52,18 +52,20 @@ def heartbeat_ack(ctx: CommandContext, conn: Connection, payload: dict[str, Any]
 
 def location_update(ctx: CommandContext, conn: Connection, payload: dict[str, Any],
                     ref: str | None) -> Awaitable[None]:
-    return ctx.bus.publish_event("location_update", inbound_event(ctx, conn, "location_update", payload, ref))
+    return ctx.bus.publish_event("location_update", inbound_event(ctx, conn, "location_update", payload, ref),
+                                 conn.identity.user_id)
 
 
 def dispatch_response(ctx: CommandContext, conn: Connection, payload: dict[str, Any],
                       ref: str | None) -> Awaitable[None]:
-    return ctx.bus.append_event("dispatch_response", inbound_event(ctx, conn, "dispatch_response", payload, ref))
+    return ctx.bus.append_event("dispatch_response", inbound_event(ctx, conn, "dispatch_response", payload, ref),
+                                conn.identity.user_id)
 
 
 def receipt(ctx: CommandContext, conn: Connection, payload: dict[str, Any], ref: str | None) -> Awaitable[None]:
     """The app saw a message sent with `"receipt": true` (PROTOCOL.md 7.5): Dispatch reads the stream
     to re-offer a ride whose request never reached a phone."""
-    return ctx.bus.append_event("receipt", inbound_event(ctx, conn, "receipt", payload, ref))
+    return ctx.bus.append_event("receipt", inbound_event(ctx, conn, "receipt", payload, ref), conn.identity.user_id)
 
 
 def token_refresh(ctx: CommandContext, conn: Connection, payload: dict[str, Any], ref: str | None) -> None:

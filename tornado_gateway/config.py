@@ -28,6 +28,9 @@ LOG_FIELDS = "gateway_fields"  # LogRecord attribute: a log line's own fields, f
 SUPPORTED_ALGORITHMS = frozenset({"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"})
 
 
+MAX_EVENT_SHARDS = 1024
+
+
 class ConfigError(Exception):
     """The configuration cannot run safely; the message tells the operator what to set."""
 
@@ -42,6 +45,7 @@ class Settings:
     redis_sentinel_master: str = ""  # the master name the sentinels monitor
     redis_sentinel_password: str | None = None  # the sentinels' own requirepass (REDIS_URL's is the nodes')
     redis_cluster: bool = False  # REDIS_URL names one node of a Redis Cluster; the rest is discovered
+    event_shards: int = 0  # cluster mode: client events on N sharded channels instead of one classic channel
     jwt_secret: str | None = None
     jwt_public_key_file: str | None = None
     jwt_algorithms: tuple[str, ...] = ("HS256",)
@@ -104,6 +108,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "redis_sentinel_master": (str, "REDIS_SENTINEL_MASTER"),
     "redis_sentinel_password": (str, "REDIS_SENTINEL_PASSWORD"),
     "redis_cluster": (bool, "REDIS_CLUSTER"),
+    "event_shards": (int, "EVENT_SHARDS"),
     "jwt_secret": (str, "JWT_SECRET"),
     "jwt_public_key_file": (str, "JWT_PUBLIC_KEY_FILE"),
     "jwt_algorithms": (str, "JWT_ALGORITHMS"),
@@ -318,7 +323,12 @@ def validate_sentinels(settings: Settings) -> None:
 def validate_cluster(settings: Settings) -> None:
     """A cluster has no databases but 0, no sentinels, and cannot be the embedded bus."""
     if not settings.redis_cluster:
+        if settings.event_shards:
+            raise ConfigError("EVENT_SHARDS needs REDIS_CLUSTER=true: sharded channels spread events over a "
+                              "cluster's shards; a single Redis has one")
         return
+    if not 0 <= settings.event_shards <= MAX_EVENT_SHARDS:
+        raise ConfigError(f"EVENT_SHARDS must be 0 (one classic channel per event type) to {MAX_EVENT_SHARDS}")
     if settings.redis_url == MEMORY_URL:
         raise ConfigError("REDIS_CLUSTER cannot be used with REDIS_URL=memory://")
     if settings.redis_sentinels:

@@ -61,6 +61,10 @@ class Keys:
     def events(self, kind: str) -> str:
         return f"{self.prefix}:events:{kind}"
 
+    def event_partition(self, kind: str, partition: int) -> str:
+        """Cluster mode with EVENT_SHARDS: one of the kind's sharded channels, `gateway:events:<kind>:{<n>}`."""
+        return f"{self.prefix}:events:{kind}:{{{partition}}}"
+
     def control(self, server_id: str) -> str:
         """Addition to the contract: per-instance commands such as "close device X of user Y"."""
         if self.cluster:

@@ -108,7 +108,7 @@ async def build_backends(settings: Settings, metrics: Metrics) -> Backends:
         commands = ClusterClient(endpoint)
         presence = ClusterPresence(redis, commands, keys, settings.server_id, settings.instance_ttl_s)
         bus = ClusterBus(commands, endpoint, keys, settings.server_id, metrics,
-                         stream_maxlen=settings.dispatch_stream_maxlen, probe=probe)
+                         stream_maxlen=settings.dispatch_stream_maxlen, probe=probe, event_shards=settings.event_shards)
     else:
         keys = Keys(settings.redis_prefix)
         commands = PipelinedClient(endpoint)
