@@ -474,6 +474,20 @@ async def test_event_shards_without_a_cluster_is_refused_at_start() -> None:
         load_settings(env={"EVENT_SHARDS": "4", "JWT_SECRET": "x"})
 
 
+async def test_an_instance_whose_redis_url_node_is_down_starts_from_redis_cluster_seeds(
+        cluster: ClusterTopology, rc: redis.RedisCluster, prefix: str, clients: list[Client]) -> None:
+    gateway = GatewayProcess("redis://127.0.0.1:1", prefix,
+                             {**CLUSTER_ENV, "REDIS_CLUSTER_SEEDS": f"127.0.0.1:1,{cluster.primaries()[2].address}"})
+    try:
+        gateway.start()
+        client = await gateway.connect(cluster.key_on(cluster.primaries()[0]))
+        clients.append(client)
+        rc.spublish(user_channel(prefix, client.user_id), notification("seeded"))
+        assert (await client.recv("notification"))["payload"]["title"] == "seeded"
+    finally:
+        stop_all([gateway])
+
+
 async def test_an_instance_seeded_with_a_replica_discovers_the_cluster(
         cluster: ClusterTopology, spawn: Callable[..., GatewayProcess], rc: redis.RedisCluster, prefix: str,
         clients: list[Client]) -> None:

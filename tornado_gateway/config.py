@@ -45,6 +45,7 @@ class Settings:
     redis_sentinel_master: str = ""  # the master name the sentinels monitor
     redis_sentinel_password: str | None = None  # the sentinels' own requirepass (REDIS_URL's is the nodes')
     redis_cluster: bool = False  # REDIS_URL names one node of a Redis Cluster; the rest is discovered
+    redis_cluster_seeds: tuple[str, ...] = ()  # more host:port nodes to ask for the slot map if REDIS_URL's is down
     event_shards: int = 0  # cluster mode: client events on N sharded channels instead of one classic channel
     jwt_secret: str | None = None
     jwt_public_key_file: str | None = None
@@ -108,6 +109,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "redis_sentinel_master": (str, "REDIS_SENTINEL_MASTER"),
     "redis_sentinel_password": (str, "REDIS_SENTINEL_PASSWORD"),
     "redis_cluster": (bool, "REDIS_CLUSTER"),
+    "redis_cluster_seeds": (str, "REDIS_CLUSTER_SEEDS"),
     "event_shards": (int, "EVENT_SHARDS"),
     "jwt_secret": (str, "JWT_SECRET"),
     "jwt_public_key_file": (str, "JWT_PUBLIC_KEY_FILE"),
@@ -214,7 +216,7 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _normalise(values: dict[str, Any]) -> dict[str, Any]:
-    for name in ("jwt_algorithms", "allowed_origins", "trusted_proxies", "redis_sentinels"):
+    for name in ("jwt_algorithms", "allowed_origins", "trusted_proxies", "redis_sentinels", "redis_cluster_seeds"):
         listed = values.get(name)
         if isinstance(listed, str):
             values[name] = tuple(a.strip() for a in listed.split(",") if a.strip())
@@ -323,6 +325,8 @@ def validate_sentinels(settings: Settings) -> None:
 def validate_cluster(settings: Settings) -> None:
     """A cluster has no databases but 0, no sentinels, and cannot be the embedded bus."""
     if not settings.redis_cluster:
+        if settings.redis_cluster_seeds:
+            raise ConfigError("REDIS_CLUSTER_SEEDS needs REDIS_CLUSTER=true")
         if settings.event_shards:
             raise ConfigError("EVENT_SHARDS needs REDIS_CLUSTER=true: sharded channels spread events over a "
                               "cluster's shards; a single Redis has one")
@@ -335,17 +339,25 @@ def validate_cluster(settings: Settings) -> None:
         raise ConfigError("REDIS_CLUSTER and REDIS_SENTINELS exclude each other: a cluster fails over by itself")
     if settings.redis_url.startswith("unix:"):
         raise ConfigError("REDIS_CLUSTER needs a redis:// or rediss:// REDIS_URL (a node's host:port)")
+    try:
+        parse_addresses(settings.redis_cluster_seeds, "REDIS_CLUSTER_SEEDS")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     db = urllib.parse.urlsplit(settings.redis_url).path.strip("/")
     if db not in ("", "0"):
         raise ConfigError(f"REDIS_CLUSTER: a Redis Cluster has only database 0, REDIS_URL selects {db}")
 
 
 def parse_sentinels(listed: tuple[str, ...]) -> list[tuple[str, int]]:
+    return parse_addresses(listed, "REDIS_SENTINELS")
+
+
+def parse_addresses(listed: tuple[str, ...], setting: str) -> list[tuple[str, int]]:
     """`host:port` entries (an IPv6 host in brackets: `[::1]:26379`); ValueError names the bad one."""
     addresses: list[tuple[str, int]] = []
     for entry in listed:
         host, sep, port = entry.strip().rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"REDIS_SENTINELS entry {entry!r} is not host:port")
+            raise ValueError(f"{setting} entry {entry!r} is not host:port")
         addresses.append((host.strip("[]"), int(port)))
     return addresses

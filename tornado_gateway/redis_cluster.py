@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from .redis_endpoint import Address, RedisEndpoint, with_address
@@ -67,10 +67,11 @@ class ClusterEndpoint(RedisEndpoint):
 
     require_primary = False
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, seeds: list[Address] | None = None) -> None:
         super().__init__(url)
-        parsed = RespConnection(url).address
-        self._known: list[Address] = [parsed]  # the seed, then every node the map named
+        self._seeds = list(seeds or [])
+        # REDIS_URL's node and REDIS_CLUSTER_SEEDS, then every node the map named
+        self._known: list[Address] = list(dict.fromkeys([RespConnection(url).address, *self._seeds]))
         self._owners: list[Address] = []  # slot -> primary
         self._primaries: list[Address] = []
         self._refreshed = 0.0
@@ -176,7 +177,8 @@ class ClusterEndpoint(RedisEndpoint):
 
     def client(self, **options: Any) -> Any:  # a RedisCluster: Redis's commands, cluster-routed
         """redis-py's RedisCluster for the commands that do not ride the pipelined connections."""
-        client = RedisCluster.from_url(self.url, **options)
+        seeds = [ClusterNode(host, port) for host, port in self._seeds]
+        client = RedisCluster.from_url(self.url, startup_nodes=seeds or None, **options)
         self._clients.append(client)
         return client
 

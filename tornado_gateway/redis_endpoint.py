@@ -32,7 +32,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from .backoff import Backoff
-from .config import Settings, parse_sentinels
+from .config import Settings, parse_addresses, parse_sentinels
 from .resp import RespConnection
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def endpoint_for(settings: Settings) -> RedisEndpoint:
     """The endpoint the settings describe (config.validate has checked them)."""
     if settings.redis_cluster:
         from .redis_cluster import ClusterEndpoint  # imports this module
-        return ClusterEndpoint(settings.redis_url)
+        return ClusterEndpoint(settings.redis_url, parse_addresses(settings.redis_cluster_seeds, "REDIS_CLUSTER_SEEDS"))
     if not settings.redis_sentinels:
         return RedisEndpoint(settings.redis_url)
     return SentinelEndpoint(settings.redis_url, parse_sentinels(settings.redis_sentinels),
