@@ -294,6 +294,20 @@ async def test_producer_id_and_timestamp_are_kept(make: Factory) -> None:
     assert record is not None and (record.id, record.timestamp) == ('ride-7/offer "1"', 1767000000000)
 
 
+async def test_the_stored_record_is_record_bytes_byte_for_byte(make: Factory) -> None:
+    """Also for a producer id with characters that cjson escapes and ujson does not ('/', DEL)."""
+    backend = await make()
+    user = unique("u")
+    expires_at = now_ms() + 60_000
+    message = ('{"type":"notification","payload":{"title":"t","body":"b"},"id":"ride/7\\u007f \\\\/ \\"q\\" \x7f é",'
+               f'"timestamp":1767000000000,"expiresAt":{expires_at}}}')
+    result = await backend.history.record(user, message)
+    assert result.message_id == 'ride/7\x7f \\/ "q" \x7f é'
+    stored = (await backend.history.since(user, result.epoch or "", 0)).records[0]
+    assert stored == record_bytes(result.seq, result.epoch or "", result.message_id, 1767000000000, expires_at,
+                                  message.encode())
+
+
 async def test_payload_comes_back_byte_exact(make: Factory) -> None:
     backend = await make()
     user = unique("u")
@@ -633,3 +647,24 @@ def test_decode_record_reads_a_record() -> None:
 ])
 def test_decode_record_returns_none_for_anything_else(data: bytes) -> None:
     assert decode_record(data) is None
+
+
+@pytest.mark.parametrize(("ttl_s", "margin_s"), [(300, 10), (60, 1), (5, 0)])
+async def test_every_key_of_a_history_lives_at_least_history_ttl_and_at_most_a_tenth_more(
+        pipelined: PipelinedClient, redis_async: aredis.Redis, ttl_s: int, margin_s: int) -> None:
+    """The expiry is refreshed once per clock window (PROTOCOL.md, "HISTORY_TTL is a lower bound"),
+    so right after a record every key expires between HISTORY_TTL and HISTORY_TTL + the window."""
+    own = Keys(unique("gwttl"))
+    history = RedisHistory(pipelined, own, 100, ttl_s, 65536)
+    await history.load()
+    user = unique("u")
+    names = (own.history(user), own.history_meta(user), own.history_ids(user))
+    try:
+        for n in range(3):
+            await history.record(user, notification(n, extra=f',"id":"p-{n}"'))
+            for name in names:
+                left_ms = await redis_async.pttl(name)
+                assert ttl_s * 1000 - 100 <= left_ms <= (ttl_s + margin_s) * 1000, (name, left_ms)
+    finally:
+        await redis_async.delete(*names)
+        await redis_async.function_delete(own.history_library())
