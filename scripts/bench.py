@@ -204,12 +204,14 @@ class RunningServer:
     log_path: Path
 
 
-def start_server(kind: Server, processes: int, redis_url: str) -> RunningServer:
+def start_server(kind: Server, processes: int, redis_url: str,
+                 extra_env: dict[str, str] | None = None) -> RunningServer:
+    """`extra_env`: settings on top of the bench's (bench_cluster.py: REDIS_CLUSTER=true)."""
     port = free_port()
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "JWT_SECRET": SECRET, "REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "PORT": str(port),
            "BIND_ADDRESS": "127.0.0.1", "STATSD_HOST": "", "HEARTBEAT_INTERVAL": "30", "HEARTBEAT_TIMEOUT": "75",
-           "LOG_LEVEL": "WARNING", "PROCESSES": str(processes), "PYTHONUNBUFFERED": "1"}
+           "LOG_LEVEL": "WARNING", "PROCESSES": str(processes), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     command = ([sys.executable, "-m", "tornado_gateway"] if kind != "socketio"
                else [sys.executable, str(ROOT / "scripts" / "socketio_server.py")])
     log_path = Path(tempfile.mkstemp(prefix=f"bench-{kind}-", suffix=".log")[1])

@@ -21,9 +21,9 @@ The model, in short (docs/CAPACITY.md explains each step):
   of: CPU at the headroom target, memory (RSS + kernel socket memory + the outbound budget), file descriptors;
 - Redis costs what the gateway and the services send per event (per-command CPU from redis_costs.py, the I/O
   included), against one core per shard at the headroom target (a shard's commands run on one thread), with its
-  memory and network; three layouts: one Redis (today's default), the Redis Cluster as built (REDIS_CLUSTER=true:
-  user channels sharded, client events classic PUBLISH, which every node receives over the cluster bus), and a
-  Redis Cluster with the client events sharded too;
+  memory and network; three layouts: one Redis (today's default), a Redis Cluster with classic events
+  (REDIS_CLUSTER=true: user channels sharded, client events classic PUBLISH, which every node receives over the
+  cluster bus), and a Redis Cluster with EVENT_SHARDS (client events sharded too);
 - the first bottleneck is the limit with the least headroom (capacity / load, both in connections) in the fleet
   sized for the target;
 - a reconnect storm of every connection drains at the pace of its slowest side: the gateways at the storm rate
@@ -286,17 +286,17 @@ SINGLE, CLUSTER, EVENTS_SHARDED = "single", "cluster", "events-sharded"
 EVENT_NOTES = {False: "one channel, `<prefix>:events:location_update`", True: "spread over many channels"}
 LAYOUT_NAMES = {
     SINGLE: "one Redis",
-    CLUSTER: "Redis Cluster as built",
-    EVENTS_SHARDED: "Redis Cluster, events sharded too",
+    CLUSTER: "Redis Cluster, classic events",
+    EVENTS_SHARDED: "Redis Cluster, EVENT_SHARDS",
 }
 LAYOUT_LEGEND = [
     "- **one Redis**: today's default deployment, every command on one Redis thread.",
-    "- **Redis Cluster as built** (`REDIS_CLUSTER=true`, README \"Redis Cluster\"): user channels and the history "
-    "function's publish are sharded (`SPUBLISH`/`SSUBSCRIBE`), so they grow with the shards; client events stay "
-    "classic `PUBLISH gateway:events:<type>`, which a cluster sends to every node over its bus; the users set is one "
-    "key on one shard.",
-    "- **Redis Cluster, events sharded too**: the same with the location updates spread over many sharded channels "
-    "(not built: what removes the broadcast).",
+    "- **Redis Cluster, classic events** (`REDIS_CLUSTER=true`, README \"Redis Cluster\"): user channels and the "
+    "history function's publish are sharded (`SPUBLISH`/`SSUBSCRIBE`), so they grow with the shards; client events "
+    "stay classic `PUBLISH gateway:events:<type>`, which a cluster sends to every node over its bus; the users set is "
+    "one key on one shard.",
+    "- **Redis Cluster, EVENT_SHARDS**: the same with `EVENT_SHARDS=N`: the location updates spread over N sharded "
+    "channels (`SPUBLISH gateway:events:location_update:{n}`), which removes the broadcast.",
 ]
 
 
@@ -793,7 +793,7 @@ def sensitivity_section(inputs: Inputs, a: Assumptions) -> list[str]:
             p = plan(target, inputs, v)
             first, chosen = p.first_bottleneck, p.chosen
             redis = ("one Redis" if chosen.key == SINGLE else
-                     f"{plural(chosen.shards, 'shard')}{'' if chosen.key == CLUSTER else ' (events sharded)'}"
+                     f"{plural(chosen.shards, 'shard')}{'' if chosen.key == CLUSTER else ' (EVENT_SHARDS)'}"
                      if chosen.shards else "no layout carries it")
             cells.append(f"{plural(p.hosts, 'host')}, {redis}; {first.name} ({headroom_text(first)})")
         rows.append(cells)

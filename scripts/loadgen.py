@@ -24,6 +24,15 @@ never records, whatever the path. `--message-type ride_status` sends a recorded 
 that `fcall` and `http` measure recording (PROTOCOL.md 7.1) while `publish` stays live-only; each
 step reports how many deliveries carried the envelope `seq` that only recorded messages have.
 
+`--redis-cluster`: the gateway runs in Redis Cluster mode (`REDIS_CLUSTER=true`) and `--redis` names one
+node. A user's channel is then the sharded channel `<prefix>:user:{<userId>}`: the `publish` path sends
+`SPUBLISH` to it, and `fcall` sends `FCALL <prefix>_publish 1 <userId> ...`, each command to the primary
+serving its slot (`redis.crc.key_slot`), over one pipelined connection per primary. The slot map is read
+once at start (`CLUSTER SLOTS`): enough for a benchmark, where nothing reshards. `--redis-pid` then takes
+one pid per node (`--redis-pid 11,12,13`), and each step reports Redis CPU in total and node by node, with
+the share of the messages each primary was sent (`redis_nodes`). Without `--redis-cluster` the publisher
+is unchanged, to the byte: PUBLISH `<prefix>:user:<userId>` on one connection.
+
 `--stall N` adds a mass stall after the hold (issue #13): N clients, spread over the workers and
 connected with a tiny receive buffer, stop reading at once (`pause_reading`: their kernel buffers
 fill and the gateway's writes back up, as with phones behind a stalled cell tower) while messages
@@ -39,7 +48,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
+import dataclasses
 import errno
 import json
 import math
@@ -56,16 +67,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.sharedctypes import SynchronizedArray
-from typing import Any, Literal, TypedDict, cast
+from typing import Any, Literal, NotRequired, Protocol, TypedDict, cast
 from urllib.parse import urlsplit
 
 import hiredis
 import jwt
 import psutil
 import ujson
+from redis.crc import key_slot
 
 Flavor = Literal["gateway", "socketio"]
 Via = Literal["publish", "fcall", "http"]
+RedisCpuSource = Literal["proc", "info"]
 MessageType = Literal["driver_location", "ride_status"]
 
 MAX_SOCKETS_PER_WORKER = 15_000
@@ -110,6 +123,90 @@ class Target:
     redis_host: str
     redis_port: int
     message_type: MessageType = "driver_location"
+    cluster: ClusterMap | None = None  # --redis-cluster: SPUBLISH/FCALL to the primary of each slot
+
+
+SLOT_MAX = 16383
+
+
+@dataclass(frozen=True)
+class ClusterMap:
+    """A Redis Cluster's slot map, from one `CLUSTER SLOTS` at start (nothing reshards during a benchmark).
+
+    `primaries` in the order CLUSTER SLOTS first names them; `ranges` are (first slot, last slot,
+    index into `primaries`), sorted; `replicas` are (host, port, index of their primary)."""
+
+    primaries: tuple[tuple[str, int], ...]
+    ranges: tuple[tuple[int, int, int], ...]
+    replicas: tuple[tuple[str, int, int], ...] = ()
+
+    def node_of_slot(self, slot: int) -> int:
+        """Index into `primaries` of the primary serving `slot`."""
+        at = bisect.bisect_right(self.ranges, (slot, SLOT_MAX + 1, 0)) - 1
+        if at < 0 or not self.ranges[at][0] <= slot <= self.ranges[at][1]:
+            raise LookupError(f"no primary serves slot {slot}")
+        return self.ranges[at][2]
+
+    def node_of_key(self, key: bytes) -> int:
+        """The primary a command on `key` must go to (a channel for SPUBLISH, the userId for FCALL)."""
+        return self.node_of_slot(key_slot(key))
+
+    def label(self, index: int) -> str:
+        host, port = self.primaries[index]
+        return f"{host}:{port}"
+
+
+def redis_call(host: str, port: int, *args: str | bytes | int, timeout_s: float = 5.0) -> Any:
+    """One command on a short blocking connection (the slot map, a node's pid): never on the hot path."""
+    reader = hiredis.Reader()
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock.sendall(resp_command(*(a if isinstance(a, bytes) else str(a).encode() for a in args)))
+        while (reply := reader.gets()) is False:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"{host}:{port} closed the connection")
+            reader.feed(data)
+    if isinstance(reply, hiredis.ReplyError):
+        raise RuntimeError(f"{host}:{port}: {' '.join(map(str, args))}: {reply}")
+    return reply
+
+
+def read_cluster_map(host: str, port: int) -> ClusterMap:
+    """`CLUSTER SLOTS` of one node: the primaries, which slots each serves, and their replicas."""
+    reply = redis_call(host, port, "CLUSTER", "SLOTS")
+    primaries: list[tuple[str, int]] = []
+    ranges: list[tuple[int, int, int]] = []
+    replicas: list[tuple[str, int, int]] = []
+
+    def address(node: list[Any]) -> tuple[str, int]:
+        name = node[0].decode() if isinstance(node[0], bytes) else str(node[0])
+        return (name or host, int(node[1]))  # an empty host means "the address you asked me on"
+
+    # In slot order, so that every node's answer gives the same map (primary 0 serves slot 0).
+    for first, last, primary, *others in sorted(reply, key=lambda entry: int(entry[0])):
+        owner = address(primary)
+        if owner not in primaries:
+            primaries.append(owner)
+        index = primaries.index(owner)
+        ranges.append((int(first), int(last), index))
+        for other in others:
+            replica = (*address(other), index)
+            if replica not in replicas:
+                replicas.append(replica)
+    replicas.sort(key=lambda r: (r[2], r[1]))
+    covered = sum(last - first + 1 for first, last, _ in ranges)
+    if covered != SLOT_MAX + 1:
+        raise RuntimeError(f"the Redis Cluster at {host}:{port} serves {covered} of {SLOT_MAX + 1} slots")
+    return ClusterMap(tuple(primaries), tuple(ranges), tuple(replicas))
+
+
+def redis_process_id(host: str, port: int) -> int:
+    """The pid a Redis node reports (`INFO server` process_id): which node a --redis-pid is."""
+    text = redis_call(host, port, "INFO", "server")
+    for line in (text.decode() if isinstance(text, bytes) else str(text)).splitlines():
+        if line.startswith("process_id:"):
+            return int(line.split(":", 1)[1])
+    raise RuntimeError(f"{host}:{port} reports no process_id")
 
 
 @dataclass(frozen=True)
@@ -170,6 +267,23 @@ class LoadConfig:
     http_rates: list[int] | None = None  # POST /broadcast rates when they differ from fanout_rates
     redis_pid: int | None = None  # a Redis we may measure (its CPU per message), e.g. one bench.py started
     stall: StallPlan | None = None
+    redis_pids: tuple[int, ...] = ()  # more Redis processes to measure: a cluster's nodes, one per shard
+    # How Redis CPU is read: "proc" (psutil, /proc ticks of 10 ms: what every earlier figure used) or "info"
+    # (each node's own INFO cpu, getrusage in microseconds: per-node figures of short steps need it).
+    redis_cpu: RedisCpuSource = "proc"
+
+    def measured_redis_pids(self) -> list[int]:
+        """Every Redis pid whose CPU the steps report, `redis_pid` first."""
+        return list(dict.fromkeys([*([self.redis_pid] if self.redis_pid else []), *self.redis_pids]))
+
+    def per_node_redis(self) -> bool:
+        """Steps break Redis CPU down node by node (`redis_nodes`): a cluster, or several Redis pids."""
+        return self.target.cluster is not None or len(self.measured_redis_pids()) > 1
+
+    def extended_report(self) -> bool:
+        """The report gains the Redis idle CPU of the hold, each step's window and node-by-node figures.
+        Never for one Redis measured as before, whose reports stay as they were, key for key."""
+        return bool(self.measured_redis_pids()) and (self.per_node_redis() or self.redis_cpu != "proc")
 
     def rates_for(self, via: Via) -> list[int]:
         """HTTP costs the server ~10x a PUBLISH, so its steps may use their own, lower rates."""
@@ -198,6 +312,7 @@ class HoldReport(TypedDict):
     rss_baseline_mb: float
     rss_mb: float
     rss_per_conn_kb: float
+    redis_cpu_pct: NotRequired[float]  # extended reports only: all measured Redis over the hold (its idle)
 
 
 class StepReport(TypedDict):
@@ -223,6 +338,31 @@ class StepReport(TypedDict):
     redis_cpu_pct: float
     loadgen_cpu_pct: float
     driver_cpu_pct: float
+    # Only in extended reports (--redis-cluster, several --redis-pid, --redis-cpu info): the window's wall
+    # seconds (step plus drain), and the Redis CPU above node by node.
+    window_s: NotRequired[float]
+    redis_nodes: NotRequired[list[RedisNodeStep]]
+
+
+class RedisNodeStep(TypedDict):
+    """One measured Redis process over one step: its CPU, and the commands the publisher sent it."""
+
+    pid: int
+    node: str  # host:port; "" when the pid is none of the cluster's nodes (or there is no cluster)
+    role: str  # "primary", "replica" or ""
+    shard: int  # index of the shard's primary in the cluster map (-1: unknown)
+    cpu_s: float
+    cpu_pct: float  # of one core, over the step window
+    cpu_share: float  # of all measured Redis CPU in the window, 0..1
+    sent: int  # commands the publisher sent to this node (0 for replicas, and for POST /broadcast steps)
+    sent_share: float  # of all commands the publisher sent in the step, 0..1
+
+
+class RedisClusterReport(TypedDict):
+    seed: str
+    primaries: list[str]
+    replicas: list[str]
+    nodes: dict[str, str]  # measured pid -> host:port
 
 
 class StallReport(TypedDict):
@@ -261,6 +401,8 @@ class RunReport(TypedDict):
     close_codes: dict[str, int]
     gateway_rss_end_mb: float
     stall: StallReport | None
+    redis_cluster: NotRequired[RedisClusterReport]  # only with --redis-cluster
+    redis_cpu_source: NotRequired[str]  # extended reports only: "proc" or "info"
 
 
 # --------------------------------------------------------------------------------------------
@@ -837,6 +979,7 @@ class PublishResult:
     no_receiver: int = 0
     errors: int = 0
     first_error: str = ""
+    by_node: list[int] = field(default_factory=list)  # --redis-cluster: commands sent to each primary
 
 
 @dataclass
@@ -880,6 +1023,11 @@ class Publisher:
         self.kind = target.message_type.encode()
         self.required = REQUIRED_FIELDS[target.message_type]
         self.function = publish_function(target.prefix).encode()
+        # --redis-cluster: each user's primary, found once (the channel's hash tag is the userId, so the
+        # SPUBLISH channel and the FCALL key share the slot; the channel is what is hashed, as Redis does).
+        cluster = target.cluster
+        self.node_of: dict[str, int] = ({uid: cluster.node_of_key(self.sharded_channel(uid)) for uid in users}
+                                        if cluster is not None else {})
 
     def body(self, tag: str, n: int) -> bytes:
         """The payload: the type's required fields, then send time (latency) and step tag (which step)."""
@@ -907,8 +1055,20 @@ class Publisher:
         channel, message = self.redis_message(uid, payload)
         return resp_command(b"PUBLISH", channel, message)
 
+    def sharded_channel(self, uid: str) -> bytes:
+        """The gateway's user channel in cluster mode (redis_keys.Keys.user_channel): `<prefix>:user:{<userId>}`."""
+        return f"{self.target.prefix}:user:{{{uid}}}".encode()
+
+    def cluster_command(self, via: Via, uid: str, payload: bytes) -> bytes:
+        """Cluster mode: live-only `SPUBLISH <prefix>:user:{<userId>}`, or the same FCALL as on one Redis."""
+        if via == "fcall":
+            return resp_command(b"FCALL", self.function, b"1", uid.encode(), self.envelope(payload))
+        return resp_command(b"SPUBLISH", self.sharded_channel(uid), self.envelope(payload))
+
     async def publish(self, rate: float, seconds: float, tag: str, via: Via = "publish") -> PublishResult:
         """Pipelined PUBLISH or FCALL on one Redis connection, written every 2 ms."""
+        if self.target.cluster is not None:
+            return await self.publish_cluster(self.target.cluster, rate, seconds, tag, via)
         loop = asyncio.get_running_loop()
         _, proto = await loop.create_connection(RespCounter, self.target.redis_host, self.target.redis_port)
         assert proto.transport is not None
@@ -932,6 +1092,48 @@ class Publisher:
         result.no_receiver = proto.zero if via == "publish" else 0  # FCALL's 0 means "not recorded"
         result.errors, result.first_error = proto.errors, proto.first_error
         proto.transport.close()
+        return result
+
+    async def publish_cluster(self, cluster: ClusterMap, rate: float, seconds: float, tag: str,
+                              via: Via) -> PublishResult:
+        """`publish` on a Redis Cluster: SPUBLISH or FCALL, each to the primary of its slot, pipelined on
+        one connection per primary, each connection written every 2 ms with what is due for it. Pacing,
+        payloads and the choice of users are those of `publish`; a MOVED reply (the map went stale)
+        counts as an error, with its text kept."""
+        loop = asyncio.get_running_loop()
+        protos: list[RespCounter] = []
+        for host, port in cluster.primaries:
+            _, proto = await loop.create_connection(RespCounter, host, port)
+            assert proto.transport is not None
+            protos.append(proto)
+        result = PublishResult(by_node=[0] * len(protos))
+        started = time.monotonic()
+        end = started + seconds
+        while (now := time.monotonic()) < end:
+            due = int((now - started) * rate) - result.sent
+            if due > 0:
+                batches: list[list[bytes]] = [[] for _ in protos]
+                for _ in range(due):
+                    uid = random.choice(self.users)
+                    node = self.node_of[uid]
+                    batches[node].append(self.cluster_command(via, uid, self.body(tag, result.sent)))
+                    result.by_node[node] += 1
+                    result.sent += 1
+                for proto, batch in zip(protos, batches, strict=True):
+                    if batch and proto.transport is not None:
+                        proto.transport.write(b"".join(batch))
+            await asyncio.sleep(0.002)
+        for _ in range(500):  # replies for up to 5 s
+            if sum(p.replies for p in protos) >= result.sent:
+                break
+            await asyncio.sleep(0.01)
+        result.errors = sum(p.errors for p in protos)
+        result.accepted = sum(p.replies for p in protos) - result.errors
+        result.no_receiver = sum(p.zero for p in protos) if via == "publish" else 0  # FCALL's 0: "not recorded"
+        result.first_error = next((p.first_error for p in protos if p.first_error), "")
+        for proto in protos:
+            if proto.transport is not None:
+                proto.transport.close()
         return result
 
     async def broadcast(self, rate: float, seconds: float, tag: str, connections: int = 64) -> PublishResult:
@@ -1162,10 +1364,37 @@ class ProcessGroup:
         return len(self.processes())
 
 
+class CpuMeter(Protocol):
+    def cpu_s(self) -> float: ...
+
+
+class RedisInfoCpu:
+    """One Redis node's CPU as the node reports it (`INFO cpu`: used_cpu_sys + used_cpu_user, from
+    getrusage, in microseconds). /proc's utime and stime (psutil) count 10 ms ticks, too coarse for one
+    node of a cluster over a few seconds; asking costs the node one INFO per reading."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+
+    def cpu_s(self) -> float:
+        text = redis_call(self.host, self.port, "INFO", "cpu")
+        fields = dict(line.split(":", 1) for line in (text.decode() if isinstance(text, bytes) else str(text))
+                      .splitlines() if ":" in line)
+        return float(fields["used_cpu_sys"]) + float(fields["used_cpu_user"])
+
+
+class MeterSum:
+    def __init__(self, meters: Sequence[CpuMeter]) -> None:
+        self.meters = list(meters)
+
+    def cpu_s(self) -> float:
+        return sum(meter.cpu_s() for meter in self.meters)
+
+
 class CpuWindow:
     """CPU used by a process group between construction and `stop()`."""
 
-    def __init__(self, group: ProcessGroup) -> None:
+    def __init__(self, group: CpuMeter) -> None:
         self.group = group
         self.cpu0 = group.cpu_s()
         self.t0 = time.monotonic()
@@ -1184,6 +1413,7 @@ class StepCpu:
     driver: float
     redis: float
     wall: float
+    redis_nodes: tuple[float, ...] = ()  # the Redis CPU node by node, in the order of the measured pids
 
 
 @dataclass(frozen=True)
@@ -1194,10 +1424,12 @@ class StepWindows:
     loadgen: CpuWindow
     driver: CpuWindow
     redis: CpuWindow
+    redis_nodes: tuple[CpuWindow, ...] = ()
 
     def stop(self) -> StepCpu:
         server, wall = self.server.stop()
-        return StepCpu(server, self.loadgen.stop()[0], self.driver.stop()[0], self.redis.stop()[0], wall)
+        return StepCpu(server, self.loadgen.stop()[0], self.driver.stop()[0], self.redis.stop()[0], wall,
+                       tuple(window.stop()[0] for window in self.redis_nodes))
 
 
 @dataclass(frozen=True)
@@ -1253,13 +1485,31 @@ class Coordinator:
         self.counters: SynchronizedArray[int] = self.ctx.Array("q", config.workers * N_COUNTERS, lock=False)
         self.helpers = Helpers()
         self.server = ProcessGroup([config.server_pid] if config.server_pid else [], include_children=True)
-        self.redis = ProcessGroup([config.redis_pid] if config.redis_pid else [], include_children=False)
+        self.redis: CpuMeter = ProcessGroup(config.measured_redis_pids(), include_children=False)
+        # Extended reports (a cluster, several Redis pids, or --redis-cpu info): each pid is also measured on
+        # its own, and named by its node (its INFO process_id); with "info" each node reports its own CPU.
+        self.extended = config.extended_report()
+        self.redis_pids = config.measured_redis_pids() if self.extended else []
+        self.redis_labels = redis_labels(config.target, self.redis_pids) if self.redis_pids else {}
+        self.redis_meters: list[CpuMeter] = [self.node_meter(pid) for pid in self.redis_pids]
+        if config.redis_cpu == "info" and self.redis_meters:
+            self.redis = MeterSum(self.redis_meters)
         self.steps: list[StepReport] = []
         self.close_codes: dict[str, int] = {}
         self.connected_users: list[str] = []
         self.connected_indexes: list[int] = []
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def node_meter(self, pid: int) -> CpuMeter:
+        """How one Redis pid's CPU is read: psutil, or with --redis-cpu info its node's INFO cpu."""
+        label = self.redis_labels.get(pid)
+        if self.config.redis_cpu == "info":
+            if label is None:
+                raise SystemExit(f"loadgen.py: --redis-cpu info: Redis pid {pid} is none of the nodes at --redis")
+            host, _, port = label[0].rpartition(":")
+            return RedisInfoCpu(host, int(port))
+        return ProcessGroup([pid], include_children=False)
 
     def log(self, text: str) -> None:
         if not self.config.quiet:
@@ -1367,6 +1617,7 @@ class Coordinator:
         heartbeats0 = self.counter(C_HEARTBEATS)
         gateway = CpuWindow(self.server)
         loadgen = CpuWindow(self.loadgen_group())
+        redis_idle = CpuWindow(self.redis) if self.extended else None
         end = time.monotonic() + max(0.0, config.hold_s - 2.0)
         while (left := end - time.monotonic()) > 0:
             time.sleep(min(left, 10.0))
@@ -1377,17 +1628,22 @@ class Coordinator:
         rss = self.server.rss_bytes()
         connected = self.counter(C_OPEN)
         heartbeats = self.counter(C_HEARTBEATS) - heartbeats0
-        return {"seconds": round(wall, 1), "connected_start": start_open, "connected_end": connected,
-                "heartbeats": heartbeats, "heartbeats_per_s": round(heartbeats / wall, 1) if wall else 0.0,
-                "gateway_cpu_pct": round(100 * gw_cpu / wall, 2) if wall else 0.0,
-                "loadgen_cpu_pct": round(100 * lg_cpu / wall, 2) if wall else 0.0,
-                "rss_baseline_mb": round(rss_baseline / 2**20, 1), "rss_mb": round(rss / 2**20, 1),
-                "rss_per_conn_kb": round((rss - rss_baseline) / 1024 / connected, 2) if connected else 0.0}
+        report: HoldReport = {
+            "seconds": round(wall, 1), "connected_start": start_open, "connected_end": connected,
+            "heartbeats": heartbeats, "heartbeats_per_s": round(heartbeats / wall, 1) if wall else 0.0,
+            "gateway_cpu_pct": round(100 * gw_cpu / wall, 2) if wall else 0.0,
+            "loadgen_cpu_pct": round(100 * lg_cpu / wall, 2) if wall else 0.0,
+            "rss_baseline_mb": round(rss_baseline / 2**20, 1), "rss_mb": round(rss / 2**20, 1),
+            "rss_per_conn_kb": round((rss - rss_baseline) / 1024 / connected, 2) if connected else 0.0}
+        if redis_idle is not None:
+            redis_cpu, redis_wall = redis_idle.stop()
+            report["redis_cpu_pct"] = round(100 * redis_cpu / redis_wall, 3) if redis_wall else 0.0
+        return report
 
     def step_windows(self) -> StepWindows:
         """CPU of the server, the load generator, the driver (publisher or collector) and Redis over a step."""
         return StepWindows(CpuWindow(self.server), CpuWindow(self.loadgen_group()), CpuWindow(self.driver_group()),
-                           CpuWindow(self.redis))
+                           CpuWindow(self.redis), tuple(CpuWindow(meter) for meter in self.redis_meters))
 
     def fanout_step(self, via: Via, rate: int) -> StepReport:
         config = self.config
@@ -1531,8 +1787,27 @@ class Coordinator:
             "gateway_us_per_msg": per_msg(cpu.server), "gateway_cpu_pct": pct(cpu.server),
             "redis_cpu_s": round(cpu.redis, 3), "redis_us_per_msg": per_msg(cpu.redis),
             "redis_cpu_pct": pct(cpu.redis), "loadgen_cpu_pct": pct(cpu.loadgen), "driver_cpu_pct": pct(cpu.driver)}
+        if self.extended:
+            report["window_s"] = round(cpu.wall, 3)
+            report["redis_nodes"] = self.node_steps(result, cpu)
         self.log(format_step(report))
         return report
+
+    def node_steps(self, result: PublishResult, cpu: StepCpu) -> list[RedisNodeStep]:
+        """The step's Redis CPU node by node, next to the share of the commands each primary was sent."""
+        total_cpu, total_sent = sum(cpu.redis_nodes), sum(result.by_node)
+        nodes: list[RedisNodeStep] = []
+        for pid, cpu_s in zip(self.redis_pids, cpu.redis_nodes, strict=True):
+            node, role, shard = self.redis_labels.get(pid, ("", "", -1))
+            if self.config.target.cluster is None:  # one Redis: the node at --redis got every command
+                sent = result.sent if node == f"{self.config.target.redis_host}:{self.config.target.redis_port}" else 0
+            else:
+                sent = result.by_node[shard] if role == "primary" and 0 <= shard < len(result.by_node) else 0
+            nodes.append({"pid": pid, "node": node, "role": role, "shard": shard, "cpu_s": round(cpu_s, 3),
+                          "cpu_pct": round(100 * cpu_s / cpu.wall, 1) if cpu.wall else 0.0,
+                          "cpu_share": round(cpu_s / total_cpu, 4) if total_cpu else 0.0, "sent": sent,
+                          "sent_share": round(sent / total_sent, 4) if total_sent else 0.0})
+        return nodes
 
     # --- the run -------------------------------------------------------------------------------
 
@@ -1559,10 +1834,21 @@ class Coordinator:
             rss_end = self.server.rss_bytes()
         finally:
             self.stop_helpers()
-        return {"flavor": config.target.flavor, "connections": config.connections, "workers": config.workers,
-                "gateway_processes": self.server.count(), "connect": connect, "hold": hold, "steps": self.steps,
-                "final_connected": final_connected, "close_codes": self.close_codes,
-                "gateway_rss_end_mb": round(rss_end / 2**20, 1), "stall": stall}
+        report: RunReport = {
+            "flavor": config.target.flavor, "connections": config.connections, "workers": config.workers,
+            "gateway_processes": self.server.count(), "connect": connect, "hold": hold, "steps": self.steps,
+            "final_connected": final_connected, "close_codes": self.close_codes,
+            "gateway_rss_end_mb": round(rss_end / 2**20, 1), "stall": stall}
+        if self.extended:
+            report["redis_cpu_source"] = config.redis_cpu
+        cluster = config.target.cluster
+        if cluster is not None:
+            report["redis_cluster"] = {
+                "seed": f"{config.target.redis_host}:{config.target.redis_port}",
+                "primaries": [cluster.label(i) for i in range(len(cluster.primaries))],
+                "replicas": [f"{host}:{port}" for host, port, _ in cluster.replicas],
+                "nodes": {str(pid): label[0] for pid, label in self.redis_labels.items()}}
+        return report
 
     def stop_helpers(self) -> None:
         for pipe in self.helpers.worker_pipes:
@@ -1584,6 +1870,27 @@ class Coordinator:
                 if proc.is_alive():
                     proc.kill()
                     proc.join(5)
+
+
+def redis_labels(target: Target, pids: Sequence[int]) -> dict[int, tuple[str, str, int]]:
+    """pid -> (host:port, role, shard) for the measured Redis pids that are nodes at --redis (the cluster's
+    primaries and replicas, or the one Redis): each node is asked its `process_id` (the same machine, so
+    the same pid namespace)."""
+    cluster = target.cluster
+    if cluster is None:
+        nodes = [(target.redis_host, target.redis_port, "", -1)]
+    else:
+        nodes = [(host, port, "primary", i) for i, (host, port) in enumerate(cluster.primaries)]
+        nodes += [(host, port, "replica", i) for host, port, i in cluster.replicas]
+    wanted, labels = set(pids), {}
+    for host, port, role, shard in nodes:
+        try:
+            pid = redis_process_id(host, port)
+        except (OSError, RuntimeError):
+            continue
+        if pid in wanted:
+            labels[pid] = (f"{host}:{port}", role, shard)
+    return labels
 
 
 # --------------------------------------------------------------------------------------------
@@ -1608,8 +1915,22 @@ def format_step(s: StepReport) -> str:
             f"(with seq {s['sequenced']}) lost {s['lost']} refused {s['errors']} "
             f"({s['delivered_per_s']}/s) p50 {s['p50_ms']} p99 {s['p99_ms']} max {s['max_ms']} ms; "
             f"gateway {s['gateway_us_per_msg']} us/msg ({s['gateway_cpu_pct']}% CPU), "
-            f"Redis {s['redis_us_per_msg']} us/msg ({s['redis_cpu_pct']}% CPU), "
+            f"Redis {s['redis_us_per_msg']} us/msg ({s['redis_cpu_pct']}% CPU{format_nodes(s)}), "
             f"loadgen {s['loadgen_cpu_pct']}%, publisher+collector {s['driver_cpu_pct']}%")
+
+
+def sent_share(s: StepReport, n: RedisNodeStep) -> str:
+    """The node's share of the commands the publisher sent: only the Redis fan-out steps send any."""
+    return f"{100 * n['sent_share']:.1f}%" if s["kind"] in ("publish", "fcall") else "-"
+
+
+def format_nodes(s: StepReport) -> str:
+    """`: 127.0.0.1:7001 12.1% (share of Redis CPU 33%, of commands 34.0%), ...`: each node, when broken down."""
+    nodes = s.get("redis_nodes")
+    if not nodes:
+        return ""
+    return ": " + ", ".join(f"{n['node'] or n['pid']} {n['cpu_pct']}% (share of Redis CPU {100 * n['cpu_share']:.0f}%, "
+                            f"of commands {sent_share(s, n)})" for n in nodes)
 
 
 def format_stall(s: StallReport) -> str:
@@ -1653,6 +1974,12 @@ def format_table(report: RunReport) -> str:
                      f"{s['lost']} | {s['delivered_per_s']} | {s['p50_ms']} | {s['p99_ms']} | {s['max_ms']} | "
                      f"{s['gateway_us_per_msg']} | {s['gateway_cpu_pct']} | {s['redis_us_per_msg']} | "
                      f"{s['loadgen_cpu_pct']} | {s['driver_cpu_pct']} |")
+    nodes = [(s, n) for s in report["steps"] for n in s.get("redis_nodes", [])]
+    if nodes:
+        lines += ["", "| step | target/s | Redis node | role | CPU % | share of Redis CPU | share of commands sent |",
+                  "| --- | ---: | --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {s['kind']} | {s['target_rate']} | {n['node'] or n['pid']} | {n['role'] or '-'} | "
+                  f"{n['cpu_pct']} | {100 * n['cpu_share']:.1f}% | {sent_share(s, n)} |" for s, n in nodes]
     return "\n".join(lines)
 
 
@@ -1685,8 +2012,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="the server's REDIS_PREFIX ($REDIS_PREFIX)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis for PUBLISH and the events channel")
     parser.add_argument("--server-pid", type=int, help="server pid; its children are included in CPU/RSS figures")
-    parser.add_argument("--redis-pid", type=int,
-                        help="pid of the Redis at --redis, to report its CPU per message (a Redis you started)")
+    parser.add_argument("--redis-pid", type=int_list, action="extend",
+                        help="pid of the Redis at --redis, to report its CPU per message (a Redis you started); "
+                             "with --redis-cluster, one pid per node (comma list or repeated): CPU in total "
+                             "and node by node")
+    parser.add_argument("--redis-cpu", choices=["proc", "info"], default="proc",
+                        help="how Redis CPU is read: proc (psutil on --redis-pid: /proc ticks of 10 ms, as every "
+                             "earlier figure) or info (each node's INFO cpu, in microseconds; the pids are matched "
+                             "to the nodes by their INFO process_id). info also adds the Redis idle CPU of the hold "
+                             "and node-by-node figures to the report")
+    parser.add_argument("--redis-cluster", action="store_true",
+                        help="the gateway runs with REDIS_CLUSTER=true and --redis names one node: the publish "
+                             "path sends SPUBLISH <prefix>:user:{<userId>} and fcall its FCALL, each to the "
+                             "primary of its slot (the map from CLUSTER SLOTS, read once at start)")
     parser.add_argument("-c", "--connections", type=int, default=2000, help="WebSocket clients (one user each)")
     parser.add_argument("--connect-rate", type=float, default=2000.0, help="new connections per second, in total")
     parser.add_argument("--concurrency", type=int, default=1000, help="handshakes in flight, in total")
@@ -1748,13 +2086,21 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
             raise SystemExit(f"loadgen.py: unknown fan-out path {via!r}")
     if "fcall" in fanout and args.flavor != "gateway":
         raise SystemExit("loadgen.py: fcall is the gateway's recording function; python-socketio has none")
+    if args.redis_cluster:
+        if args.flavor != "gateway":
+            raise SystemExit("loadgen.py: --redis-cluster is the gateway's cluster mode; python-socketio has none")
+        if args.stall:
+            raise SystemExit("loadgen.py: --stall publishes with PUBLISH to one Redis; not in --redis-cluster")
+        target = dataclasses.replace(target, cluster=read_cluster_map(target.redis_host, target.redis_port))
+    pids: list[int] = args.redis_pid or []
     return LoadConfig(target=target, connections=args.connections, connect_rate=args.connect_rate, workers=workers,
                       hold_s=args.hold, fanout_via=cast(list[Via], fanout), fanout_rates=args.rates,
                       step_s=args.step, upstream_rates=args.upstream, server_pid=args.server_pid,
                       run_id=args.run_id or f"lg{random.randrange(16**6):06x}",
                       connect_timeout_s=timeout, concurrency=args.concurrency, source_ips=source_addresses(ips, base),
-                      json_out=args.json, quiet=args.quiet, http_rates=args.http_rates, redis_pid=args.redis_pid,
-                      stall=stall_plan(args))
+                      json_out=args.json, quiet=args.quiet, http_rates=args.http_rates,
+                      redis_pid=pids[0] if pids else None, stall=stall_plan(args), redis_pids=tuple(pids[1:]),
+                      redis_cpu=cast(RedisCpuSource, args.redis_cpu))
 
 
 def stall_plan(args: argparse.Namespace) -> StallPlan | None:
