@@ -248,7 +248,8 @@ def wait_ready(server: RunningServer, processes: int) -> None:
     raise RuntimeError(f"{server.kind} did not become ready")
 
 
-def stop_server(server: RunningServer, bench_redis: BenchRedis) -> None:
+def stop_server_process(server: RunningServer) -> None:
+    """SIGTERM to the server this bench started; it and its children are killed by pid if they linger."""
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGTERM)
         try:
@@ -258,6 +259,10 @@ def stop_server(server: RunningServer, bench_redis: BenchRedis) -> None:
                 child.kill()
             server.proc.kill()
             server.proc.wait(10)
+
+
+def stop_server(server: RunningServer, bench_redis: BenchRedis) -> None:
+    stop_server_process(server)
     client = bench_redis.client()
     keys = list(client.scan_iter(f"{server.prefix}:*", count=1000))
     for start in range(0, len(keys), 1000):

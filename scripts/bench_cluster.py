@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -62,6 +61,7 @@ from scripts.bench import (  # noqa: E402 - needs ROOT on sys.path when run as a
     start_redis,
     start_server,
     stop_redis,
+    stop_server_process,
     write_section,
 )
 from scripts.loadgen import RunReport, StepReport  # noqa: E402
@@ -152,23 +152,10 @@ def run_once(setup: Setup, plan: Plan, repeat: int) -> RunReport:
         ok = True
         return cast(RunReport, json.loads(text))
     finally:
-        stop_gateway(server)
+        stop_server_process(server)
         keep_log(server, setup.kind, repeat, ok)
         cleanup(setup, server.prefix)
         json_path.unlink(missing_ok=True)
-
-
-def stop_gateway(server: RunningServer) -> None:
-    """SIGTERM to the supervisor this bench started; its children and it are killed by pid if they linger."""
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            for child in psutil.Process(server.proc.pid).children(recursive=True):
-                child.kill()
-            server.proc.kill()
-            server.proc.wait(10)
 
 
 def keep_log(server: RunningServer, kind: Kind, repeat: int, ok: bool) -> None:

@@ -67,13 +67,17 @@ redis.call('SADD', KEYS[3], ARGV[3])
 return {'ok', old}
 """
 
-# KEYS: presence hash, server users set, users set. ARGV: deviceId, connectionId, userId, last_local (1/0).
-UNREGISTER = """
+# KEYS[1]: presence hash. ARGV: deviceId, connectionId. Removes the device's entry if it is still this connection's.
+UNREGISTER_BODY = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
   local ok, entry = pcall(cjson.decode, cur)
   if ok and entry['connectionId'] == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
 end
+"""
+
+# KEYS: presence hash, server users set, users set. ARGV: deviceId, connectionId, userId, last_local (1/0).
+UNREGISTER = UNREGISTER_BODY + """
 if ARGV[4] == '1' then redis.call('SREM', KEYS[2], ARGV[3]) end
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[3], ARGV[3]) end
 return 1
@@ -106,8 +110,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[3], ARGV[2]) 
 return mine
 """
 
-# KEYS: presence hash, users set. ARGV: serverId, userId. Removes every device entry owned by that instance.
-PURGE_SERVER = """
+# KEYS[1]: presence hash. ARGV[1]: serverId. Removes every device entry owned by that instance.
+PURGE_SERVER_BODY = """
 local fields = redis.call('HGETALL', KEYS[1])
 local removed = 0
 for i = 1, #fields, 2 do
@@ -116,6 +120,10 @@ for i = 1, #fields, 2 do
     redis.call('HDEL', KEYS[1], fields[i]); removed = removed + 1
   end
 end
+"""
+
+# KEYS: presence hash, users set. ARGV: serverId, userId.
+PURGE_SERVER = PURGE_SERVER_BODY + """
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[2]) end
 return removed
 """

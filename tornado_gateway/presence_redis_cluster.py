@@ -30,7 +30,16 @@ from .bus import BusUnavailable
 from .connection import Connection
 from .messages import dumps
 from .presence import DeviceLimitReached, Registration, ServerStats, presence_entry, stamp_of
-from .presence_redis import PRUNE_BODY, REGISTER_BODY, SWEEP_PAGE, RedisPresence, decode_entry, stats_from_hash
+from .presence_redis import (
+    PRUNE_BODY,
+    PURGE_SERVER_BODY,
+    REGISTER_BODY,
+    SWEEP_PAGE,
+    UNREGISTER_BODY,
+    RedisPresence,
+    decode_entry,
+    stats_from_hash,
+)
 from .redis_keys import Keys
 from .resp import Commands, RedisReplyError, RedisUnavailable
 
@@ -40,27 +49,13 @@ log = logging.getLogger(__name__)
 REGISTER = REGISTER_BODY + "return {'ok', old}\n"
 
 # KEYS: presence hash. ARGV: deviceId, connectionId. Returns 1 when the hash is gone.
-UNREGISTER = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then
-  local ok, entry = pcall(cjson.decode, cur)
-  if ok and entry['connectionId'] == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
-end
-return 1 - redis.call('EXISTS', KEYS[1])
-"""
+UNREGISTER = UNREGISTER_BODY + "return 1 - redis.call('EXISTS', KEYS[1])\n"
 
 # KEYS: presence hash. ARGV as presence_redis.PRUNE. Returns {entries of the instance kept, hash gone 1/0}.
 PRUNE = PRUNE_BODY + "return {mine, 1 - redis.call('EXISTS', KEYS[1])}\n"
 
 # KEYS: presence hash. ARGV: serverId. Returns 1 when the hash is gone.
-PURGE_SERVER = """
-local fields = redis.call('HGETALL', KEYS[1])
-for i = 1, #fields, 2 do
-  local ok, entry = pcall(cjson.decode, fields[i + 1])
-  if ok and entry['serverId'] == ARGV[1] then redis.call('HDEL', KEYS[1], fields[i]) end
-end
-return 1 - redis.call('EXISTS', KEYS[1])
-"""
+PURGE_SERVER = PURGE_SERVER_BODY + "return 1 - redis.call('EXISTS', KEYS[1])\n"
 
 
 class ClusterPresence(RedisPresence):
