@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from tests.helpers import Client, GatewayProcess, eventually, make_token, start_all, unique
@@ -33,6 +34,7 @@ from tests.redis_topology import REDIS_CLI, ClusterTopology, Node
 from tests.test_sentinel import Device, Producer, first
 from tornado_gateway.config import ConfigError, load_settings
 from tornado_gateway.publisher import Publisher
+from tornado_gateway.redis_cluster import ClusterClient, ClusterEndpoint
 from tornado_gateway.redis_keys import Keys
 
 pytestmark = pytest.mark.skipif(REDIS_CLI is None, reason="redis-cli is not installed: it creates the Redis Cluster "
@@ -826,3 +828,29 @@ async def test_a_users_slot_moved_by_a_resharding_keeps_delivering_in_order_on_b
     connected = (await back.recv("connected"))["payload"]
     assert (connected["recovered"], connected["epoch"]) == (True, epoch)
     assert [m["seq"] for m in await drain(back, "ride_request")] == [3, 4, 5, 6]
+
+
+async def test_commands_for_a_slot_being_migrated_follow_ask_to_the_importing_node(cluster: ClusterTopology) -> None:
+    """Mid-migration the old owner answers ASK for a key it no longer has: the client sends ASKING
+    and the command to the importing node, without changing its map (the slot is still the old one's)."""
+    endpoint = ClusterEndpoint(cluster.seed_url())
+    await endpoint.start()
+    commands = ClusterClient(endpoint)
+    source, target = cluster.primaries()[0], cluster.primaries()[1]
+    key = f"ask-test:{{{cluster.key_on(source)}}}"
+    slot = key_slot(key.encode())
+    source_client, target_client = source.client(), target.client()
+    try:
+        assert await commands.call("SET", key, "before") == b"OK"
+        target_client.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", cluster.node_id(source))
+        source_client.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", cluster.node_id(target))
+        source_client.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", key)
+        assert await commands.call("GET", key) == b"before"
+        assert await commands.call("SET", key, "during") == b"OK"
+        assert endpoint.owner(slot) == ("127.0.0.1", source.port)  # ASK changes no map
+    finally:
+        for primary in cluster.primaries():  # finish the migration: the slot is the target's
+            primary.client().execute_command("CLUSTER SETSLOT", slot, "NODE", cluster.node_id(target))
+        await commands.close()
+        await endpoint.stop()
+    assert target_client.get(key) == b"during"
