@@ -271,16 +271,19 @@ class RedisPresence:
 
     async def reap_dead_servers(self) -> list[str]:
         ids = await self._server_ids()
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for server_id in ids:
-                pipe.exists(self._keys.server(server_id))
-            alive = await pipe.execute()
+        alive = await self._server_keys_exist(ids)
         dead = [server_id for server_id, exists in zip(ids, alive, strict=True)
                 if not exists and server_id != self._server_id]
         for server_id in dead:
             log.warning("instance %s stopped refreshing its key; removing its presence entries", server_id)
             await self._purge_instance(server_id)
         return dead
+
+    async def _server_keys_exist(self, ids: list[str]) -> list[int]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for server_id in ids:
+                pipe.exists(self._keys.server(server_id))
+            return list(await pipe.execute())
 
     async def resync(self, held: Iterable[Connection], rewrite: Iterable[tuple[Connection, int]],
                      started_us: int) -> list[tuple[Connection, Registration]]:

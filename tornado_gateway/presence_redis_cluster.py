@@ -20,7 +20,6 @@ transactions, which a cluster refuses across slots.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any
 
@@ -42,8 +41,6 @@ from .presence_redis import (
 )
 from .redis_keys import Keys
 from .resp import Commands, RedisReplyError, RedisUnavailable
-
-log = logging.getLogger(__name__)
 
 # KEYS: presence hash. ARGV as presence_redis.REGISTER. Same replies.
 REGISTER = REGISTER_BODY + "return {'ok', old}\n"
@@ -141,15 +138,8 @@ class ClusterPresence(RedisPresence):
         return [stats_from_hash(server_id, dict(zip(row[::2], row[1::2], strict=True)), now)
                 for server_id, row in zip(ids, rows, strict=True) if row]
 
-    async def reap_dead_servers(self) -> list[str]:
-        ids = await self._server_ids()
-        alive = await asyncio.gather(*(self._commands.call("EXISTS", self._keys.server(i)) for i in ids))
-        dead = [server_id for server_id, exists in zip(ids, alive, strict=True)
-                if not exists and server_id != self._server_id]
-        for server_id in dead:
-            log.warning("instance %s stopped refreshing its key; removing its presence entries", server_id)
-            await self._purge_instance(server_id)
-        return dead
+    async def _server_keys_exist(self, ids: list[str]) -> list[int]:
+        return list(await asyncio.gather(*(self._commands.call("EXISTS", self._keys.server(i)) for i in ids)))
 
     async def sweep_users(self) -> None:
         """A page of the users set checked against the presence hashes (in their own slots), and a page
