@@ -28,7 +28,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from .redis_endpoint import Address, RedisEndpoint, with_address
-from .resp import PipelinedClient, RedisReplyError, RedisUnavailable, RespConnection
+from .resp import PipelinedClient, RedisNotRun, RedisReplyError, RedisUnavailable, RespConnection
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ RETRY_PAUSE_S = 0.1
 # Commands without a key go to any primary; those with numkeys have their first key at 3; the rest at 1.
 KEYLESS_COMMANDS = frozenset({"PING", "FUNCTION", "SCRIPT", "ASKING", "CLUSTER", "INFO", "ROLE", "READONLY", "TIME"})
 NUMKEYS_COMMANDS = frozenset({"EVALSHA", "EVAL", "FCALL", "FCALL_RO"})  # <cmd> <name> <numkeys> <key> ...
+# Commands that must not run twice: after a connection died with them in flight they may have run, so
+# they are retried only when they surely did not run (RedisNotRun) or Redis refused them (MOVED, ...).
+ONCE_ONLY_COMMANDS = frozenset({"FCALL", "PUBLISH", "SPUBLISH", "XADD"})
 
 SlotsChanged = Callable[[], None]
 
@@ -223,12 +226,14 @@ class ClusterClient:
 
     async def call(self, *args: str | bytes | int) -> Any:
         key = routing_key(args)
-        return await self._routed(key, lambda client: client.call(*args))
+        once = str(args[0]).upper() in ONCE_ONLY_COMMANDS
+        return await self._routed(key, lambda client: client.call(*args), once=once)
 
     async def evalsha(self, sha: str, keys: list[str], args: list[str | int]) -> Any:
         return await self._routed(keys[0] if keys else None, lambda client: client.evalsha(sha, keys, args))
 
-    async def _routed(self, key: str | bytes | None, send: Callable[[PipelinedClient], Awaitable[Any]]) -> Any:
+    async def _routed(self, key: str | bytes | None, send: Callable[[PipelinedClient], Awaitable[Any]], *,
+                      once: bool = False) -> Any:
         deadline = time.monotonic() + RETRY_BUDGET_S
         slot = slot_of(key) if key is not None else None
         asking: Address | None = None
@@ -255,6 +260,9 @@ class ClusterClient:
                     raise
                 error: Exception = exc
             except RedisUnavailable as exc:  # a dead or demoted node: the map must be asked again
+                if once and not isinstance(exc, RedisNotRun):
+                    self._refresh_soon()
+                    raise  # it may have run before the connection died: the caller decides (a producer id dedupes)
                 error = exc
             if time.monotonic() >= deadline:
                 raise RedisUnavailable(f"Redis Cluster: {error}") from None
@@ -264,10 +272,13 @@ class ClusterClient:
     def _follow_moved(self, text: str) -> int:
         slot = int(text.split(" ", 2)[1])
         self._endpoint.moved(slot, self._target(text))
+        self._refresh_soon()
+        return slot
+
+    def _refresh_soon(self) -> None:
         refreshing = asyncio.ensure_future(self._refresh_quietly())
         self._background.add(refreshing)
         refreshing.add_done_callback(self._background.discard)
-        return slot
 
     @staticmethod
     def _target(text: str) -> Address:

@@ -59,6 +59,11 @@ class RedisUnavailable(ConnectionError):
     """No connection to Redis, or it did not answer in time."""
 
 
+class RedisNotRun(RedisUnavailable):
+    """The command did not run (no connection: it never left; or a demoted node refused it with
+    READONLY), so sending it again cannot run it twice."""
+
+
 class PrimarySource(Protocol):
     """Where the primary is now (redis_endpoint.py): a fixed REDIS_URL, or what the sentinels say.
 
@@ -245,7 +250,7 @@ class PipelinedClient:
             link.conn.send(*args)
         except ConnectionError as exc:
             self._fail(link, RedisUnavailable(str(exc)))
-            raise RedisUnavailable(str(exc)) from None
+            raise RedisNotRun(str(exc)) from None
         if not link.pending:
             link.waiting_since = time.monotonic()
         link.pending.append(future)
@@ -259,7 +264,7 @@ class PipelinedClient:
     def _demoted(self, link: _Link, reply: Exception) -> RedisUnavailable:
         """A write answered READONLY: this node is a replica now. The connection is dropped so that
         the next command asks where the primary is; the caller gets RedisUnavailable (retry)."""
-        error = RedisUnavailable(f"the Redis node was demoted: {reply}")
+        error = RedisNotRun(f"the Redis node was demoted: {reply}")
         if self._link is link:
             self._fail(link, error)
         return error
@@ -306,7 +311,7 @@ class PipelinedClient:
             except (OSError, TimeoutError, ConnectionError) as exc:
                 if conn is not None:
                     conn.close()  # refused by AUTH, SELECT or ROLE: the socket is open
-                raise RedisUnavailable(str(exc) or type(exc).__name__) from None
+                raise RedisNotRun(str(exc) or type(exc).__name__) from None
             link = self._link = _Link(conn)
             self._watch(link)
             reader = asyncio.create_task(self._read(link), name="redis-pipeline-reader")
