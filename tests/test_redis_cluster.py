@@ -34,6 +34,9 @@ from tests.redis_topology import REDIS_CLI, ClusterTopology, Node
 from tests.test_sentinel import Device, Producer, first
 from tornado_gateway.config import ConfigError, load_settings
 from tornado_gateway.publisher import Publisher
+from tornado_gateway.bus_redis import Probe
+from tornado_gateway.bus_redis_cluster import ClusterBus
+from tornado_gateway.metrics import Metrics
 from tornado_gateway.redis_cluster import ClusterClient, ClusterEndpoint
 from tornado_gateway.redis_keys import Keys
 
@@ -854,3 +857,43 @@ async def test_commands_for_a_slot_being_migrated_follow_ask_to_the_importing_no
         await commands.close()
         await endpoint.stop()
     assert target_client.get(key) == b"during"
+
+
+class CountingListener:
+    def __init__(self) -> None:
+        self.reconnects = 0
+        self.messages: list[tuple[str, bytes]] = []
+
+    def on_user_message(self, user_id: str, data: bytes) -> None:
+        self.messages.append((user_id, data))
+
+    def on_control(self, data: bytes) -> None:
+        pass
+
+    def on_bus_reconnected(self) -> None:
+        self.reconnects += 1
+
+
+async def test_a_user_leaving_and_coming_back_at_once_is_not_taken_for_a_moved_slot(cluster: ClusterTopology) -> None:
+    """Our own SUNSUBSCRIBE's reply, read after the channel is wanted again, is not Redis dropping
+    the slot: no re-placement, no resync of every user, and the channel still delivers."""
+    prefix = unique("gwflap")
+    endpoint = ClusterEndpoint(cluster.seed_url())
+    await endpoint.start()
+    keys = Keys(prefix, cluster=True)
+    bus = ClusterBus(ClusterClient(endpoint), endpoint, keys, unique("gw"), Metrics("", 0, "x"), stream_maxlen=100,
+                     probe=Probe(0, 1))
+    listener = CountingListener()
+    await bus.start(listener)
+    try:
+        await bus.subscribe_user("u1")
+        for _ in range(3):
+            bus.unsubscribe_user("u1")
+            await bus.subscribe_user("u1")
+        await asyncio.sleep(1.0)
+        cluster.client().spublish(keys.user_channel("u1"), "hello")
+        await eventually(lambda: listener.messages, timeout=3)
+        assert (listener.reconnects, listener.messages, bus.ready) == (0, [("u1", b"hello")], True)
+    finally:
+        await bus.stop()
+        await endpoint.stop()

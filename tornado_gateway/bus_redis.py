@@ -164,17 +164,28 @@ class RedisBus(RedisPublishing):
         await self.subscribe_channel(self._keys.user_channel(user_id))
 
     async def subscribe_channel(self, channel: str) -> None:
+        waiter = self.request_channel(channel)
+        if waiter is not None:
+            await self._confirmation(waiter)
+
+    def request_channel(self, channel: str) -> asyncio.Future[None] | None:
+        """Want the channel and send the SUBSCRIBE now; the future resolves on Redis's confirmation
+        (None: no connection, subscribed on reconnect)."""
         self._wanted.add(channel)
         conn = self._conn
         if conn is None:
-            return  # subscribed on reconnect
-        waiter = asyncio.get_running_loop().create_future()
+            return None
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(channel.encode(), deque()).append(waiter)
         try:
             conn.send(self.SUBSCRIBE_COMMAND, channel)
         except REDIS_ERRORS:
-            return  # the listener sees the failure too and resubscribes everything
-        await self._confirmation(waiter)
+            return None  # the listener sees the failure too and resubscribes everything
+        return waiter
+
+    async def confirmed(self, waiter: asyncio.Future[None] | None) -> None:
+        if waiter is not None:
+            await self._confirmation(waiter)
 
     async def subscription_ready(self, user_id: str) -> None:
         """Wait for a SUBSCRIBE another device of the user triggered and that Redis has not confirmed."""

@@ -73,6 +73,16 @@ class ShardBus(RedisBus):
         self.address = address
         self._owner = owner
         self._announce_first = announce_first  # a shard that appeared later (failover, reshard) took over channels
+        self._unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBEs sent whose reply has not come back
+
+    def unsubscribe_channel(self, channel: str) -> None:
+        """Its `sunsubscribe` reply is ours, not Redis dropping the slot: counted so that it is told apart."""
+        self._wanted.discard(channel)
+        conn = self._conn
+        if conn is not None:
+            name = channel.encode()
+            self._unsubscribing[name] = self._unsubscribing.get(name, 0) + 1
+            self._send_quietly(conn, self.UNSUBSCRIBE_COMMAND, channel)
 
     async def connected(self, timeout_s: float) -> None:
         try:
@@ -96,6 +106,7 @@ class ShardBus(RedisBus):
         """One SSUBSCRIBE per channel: channels of one command must share a slot."""
         self._control_channel = self._probe_channel()
         self._control_channel_b = self._control_channel.encode()
+        self._unsubscribing.clear()  # a new connection: nothing of ours in flight
         for channel in (self._control_channel, *self._wanted):
             conn.send("SSUBSCRIBE", channel)
 
@@ -135,13 +146,23 @@ class ShardBus(RedisBus):
                     self._subscribed()
 
     def _error_reply(self, reply: Exception) -> None:
-        """A MOVED answer to SSUBSCRIBE: the map this shard was given is already old."""
+        """A MOVED answer to SSUBSCRIBE: the map this shard was given is already old. Nobody waits
+        for the confirmations any longer (the channels are placed again)."""
         log.warning("Redis Cluster pub/sub error reply from %s:%d: %s", *self.address, reply)
         if str(reply).startswith("MOVED"):
+            self._release_pending()
             self._owner.replace_lost()
 
     def _unsubscribed(self, channel: bytes) -> None:
-        """Redis dropped a subscription we still want: its slot left this node."""
+        """The reply to one of our SUNSUBSCRIBEs, or Redis dropping a subscription we still want
+        (its slot left this node)."""
+        ours = self._unsubscribing.get(channel, 0)
+        if ours:
+            if ours == 1:
+                del self._unsubscribing[channel]
+            else:
+                self._unsubscribing[channel] = ours - 1
+            return
         name = channel.decode()
         if name in self._wanted or channel == self._control_channel_b:
             self._wanted.discard(name)
@@ -180,9 +201,13 @@ class ClusterBus(RedisPublishing):
 
     @property
     def ready(self) -> bool:
+        """Every primary's subscriber is live and every channel placed on one."""
         primaries = self.endpoint.primaries
-        return bool(primaries) and all(
-            address in self._shards and self._shards[address].ready for address in primaries)
+        shards_live = all(address in self._shards and self._shards[address].ready for address in primaries)
+        return bool(primaries) and shards_live and not self._unplaced()
+
+    def _unplaced(self) -> bool:
+        return any(home is None or home == LOST for home in self._home.values())
 
     async def start(self, listener: BusListener) -> None:
         self._listener = listener
@@ -292,6 +317,7 @@ class ClusterBus(RedisPublishing):
                     self._listener.on_bus_reconnected()  # read back what was recorded while they moved
                 if not self._place_again:
                     return
+                announce = True  # what changed meanwhile is a move like any other
 
     async def _place_once(self) -> int:
         primaries = set(self.endpoint.primaries)
@@ -310,13 +336,24 @@ class ClusterBus(RedisPublishing):
                 if home != LOST and home in self._shards:
                     self._shards[home].unsubscribe_channel(channel)
             self._home[channel] = owner
-            waits.append(self._shards[owner].subscribe_channel(channel))
+            shard = self._shards[owner]
+            waits.append(shard.confirmed(shard.request_channel(channel)))  # requested now, in this order
         await asyncio.gather(*waits)
+        self._close_shards_without_slots()
+        return moved
+
+    def _close_shards_without_slots(self) -> None:
+        """Against the map as it is now (it may have changed while confirmations were awaited); a
+        channel still homed on a closed shard is placed again by the next pass."""
+        primaries = set(self.endpoint.primaries)
         for address in self._shards.keys() - primaries:
             shard = self._shards.pop(address)
             log.warning("Redis Cluster: %s:%d serves no slot any more; closing its subscriber", *address)
             self._spawn(shard.stop_listening())
-        return moved
+            for channel, home in self._home.items():
+                if home == address:
+                    self._home[channel] = LOST
+                    self._place_again = True
 
     async def _maintain(self) -> None:
         """The periodic check of the map (a resharding or an added shard raises no error here)."""
@@ -324,7 +361,7 @@ class ClusterBus(RedisPublishing):
             await asyncio.sleep(MAP_CHECK_S if self.ready else MAP_RETRY_S)
             try:
                 await self.endpoint.refresh(force=True)  # a change calls _slots_changed
-                if not self.ready or None in self._home.values() or LOST in self._home.values():
+                if not self.ready:
                     await self._place(announce=True)
             except RedisUnavailable as exc:
                 log.debug("Redis Cluster map check failed: %s", exc)

@@ -36,6 +36,7 @@ SLOTS = REDIS_CLUSTER_HASH_SLOTS
 REFRESH_REUSE_S = 0.2  # a burst of MOVED replies (a whole pipeline of them) asks the cluster once
 RETRY_BUDGET_S = 1.5  # how long one command follows redirections and waits out a failover before failing
 RETRY_PAUSE_S = 0.1
+MAX_REDIRECTS = 16  # as redis-py: nodes that disagree for a while must not bounce a command forever
 # Commands without a key go to any primary; those with numkeys have their first key at 3; the rest at 1.
 KEYLESS_COMMANDS = frozenset({"PING", "FUNCTION", "SCRIPT", "ASKING", "CLUSTER", "INFO", "ROLE", "READONLY", "TIME"})
 NUMKEYS_COMMANDS = frozenset({"EVALSHA", "EVAL", "FCALL", "FCALL_RO"})  # <cmd> <name> <numkeys> <key> ...
@@ -75,7 +76,8 @@ class ClusterEndpoint(RedisEndpoint):
         self._seeds = list(seeds or [])
         # REDIS_URL's node and REDIS_CLUSTER_SEEDS, then every node the map named
         self._known: list[Address] = list(dict.fromkeys([RespConnection(url).address, *self._seeds]))
-        self._owners: list[Address] = []  # slot -> primary
+        self._owners: list[Address] = []  # slot -> primary, patched by MOVED replies between reads
+        self._read: list[Address] = []  # the map as last read, to tell a change from a patch
         self._primaries: list[Address] = []
         self._refreshed = 0.0
         self._refreshing: asyncio.Future[bool] | None = None
@@ -128,6 +130,8 @@ class ClusterEndpoint(RedisEndpoint):
                 reply = (await asyncio.wait_for(conn.read_replies(), 1.0))[0]
             except (OSError, TimeoutError, ConnectionError) as exc:
                 errors.append(f"{address[0]}:{address[1]}: {exc}")
+                self._known.remove(address)  # asked last next time: a dead node must not cost every read a timeout
+                self._known.append(address)
                 continue
             finally:
                 conn.close()
@@ -152,10 +156,11 @@ class ClusterEndpoint(RedisEndpoint):
         if unassigned:
             raise RedisUnavailable(f"the Redis Cluster leaves {unassigned} slots unassigned")
         self._known = list(dict.fromkeys([*known, *self._known]))
-        if owners == self._owners:
+        first = not self._read
+        unchanged = owners == self._read and owners == self._owners and primaries == self._primaries
+        self._read, self._owners, self._primaries = owners, list(owners), primaries
+        if unchanged:
             return False
-        first = not self._owners
-        self._owners, self._primaries = owners, primaries
         self.version += 1
         log.info("Redis Cluster slot map %s: %d primaries (%s)", "read" if first else "changed", len(primaries),
                  ", ".join(f"{host}:{port}" for host, port in primaries))
@@ -170,11 +175,15 @@ class ClusterEndpoint(RedisEndpoint):
         return (host or asked[0], int(node[1]))
 
     def moved(self, slot: int, address: Address) -> None:
-        """A MOVED reply: use the new owner for that slot at once; the full map follows."""
+        """A MOVED reply: use the new owner for that slot at once (the listeners move its channels);
+        the full map follows."""
         if self._owners and self._owners[slot] != address:
             self._owners[slot] = address
             if address not in self._primaries:
                 self._primaries.append(address)
+            self.version += 1
+            for listener in self._listeners:
+                listener()
 
     # --- the endpoint ------------------------------------------------------------------------
 
@@ -237,7 +246,7 @@ class ClusterClient:
         deadline = time.monotonic() + RETRY_BUDGET_S
         slot = slot_of(key) if key is not None else None
         asking: Address | None = None
-        while True:
+        for _redirect in range(MAX_REDIRECTS):
             if not self._endpoint.primaries:
                 await self._endpoint.refresh()
             address = asking or (self._endpoint.owner(slot) if slot is not None else self._endpoint.primaries[0])
@@ -268,6 +277,7 @@ class ClusterClient:
                 raise RedisUnavailable(f"Redis Cluster: {error}") from None
             await asyncio.sleep(RETRY_PAUSE_S)
             await self._refresh_quietly()
+        raise RedisUnavailable(f"Redis Cluster: more than {MAX_REDIRECTS} redirections (the nodes disagree)")
 
     def _follow_moved(self, text: str) -> int:
         slot = int(text.split(" ", 2)[1])
