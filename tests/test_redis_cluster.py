@@ -32,11 +32,11 @@ from redis.exceptions import RedisClusterException
 from tests.helpers import Client, GatewayProcess, eventually, make_token, start_all, unique
 from tests.redis_topology import REDIS_CLI, ClusterTopology, Node
 from tests.test_sentinel import Device, Producer, first
-from tornado_gateway.config import ConfigError, load_settings
-from tornado_gateway.publisher import Publisher
 from tornado_gateway.bus_redis import Probe
 from tornado_gateway.bus_redis_cluster import ClusterBus
+from tornado_gateway.config import ConfigError, load_settings
 from tornado_gateway.metrics import Metrics
+from tornado_gateway.publisher import Publisher
 from tornado_gateway.redis_cluster import ClusterClient, ClusterEndpoint
 from tornado_gateway.redis_keys import Keys
 
