@@ -220,7 +220,11 @@ def start_server(kind: Server, processes: int, redis_url: str,
         proc = subprocess.Popen(command, env=env, cwd=BASELINE_DIR if kind == "baseline" else ROOT, stdout=log,
                                 stderr=subprocess.STDOUT)
     server = RunningServer(kind, proc, port, prefix, log_path)
-    wait_ready(server, processes)
+    try:
+        wait_ready(server, processes)
+    except RuntimeError:
+        stop_server_process(server)  # one that never became ready must not outlive the bench
+        raise
     return server
 
 
