@@ -68,6 +68,18 @@ class RedisPublishing:
         self._metrics = metrics
         self._stream_maxlen = stream_maxlen
 
+    @property
+    def commands(self) -> Commands:
+        return self._commands
+
+    @property
+    def keys(self) -> Keys:
+        return self._keys
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
+
     async def publish_user(self, user_id: str, data: str) -> None:
         await self._publish(self.PUBLISH_COMMAND, self._keys.user_channel(user_id), data)
 

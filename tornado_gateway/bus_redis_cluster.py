@@ -179,11 +179,8 @@ class ClusterBus(RedisPublishing):
                  metrics: Metrics, *, stream_maxlen: int, probe: Probe | None = None, event_shards: int = 0) -> None:
         super().__init__(commands, keys, metrics, stream_maxlen)
         self.event_shards = event_shards
-        self.commands = commands
         self.endpoint = endpoint
-        self.keys = keys
         self.server_id = server_id
-        self.metrics = metrics
         self._probe = probe or Probe()
         self.control_channel = keys.control(server_id)
         self.control_channel_b = self.control_channel.encode()
