@@ -462,7 +462,7 @@ class Gateway:
         deliver = self.flow.deliver
         for conn in list(devices.values()):
             deliver(conn, frame, key)
-        self.metrics.incr(m.MESSAGES_OUT.format(type=kind), len(devices))
+        self.metrics.incr(m.delivery_names(kind)[0], len(devices))
 
     def _deliver_record(self, user_id: str, devices: Collection[Connection], data: bytes, *,
                         filled: bool = False) -> None:
@@ -475,30 +475,34 @@ class Gateway:
         if record is None:
             self._undeliverable("not a record")
             return
-        if not filled and catchup is not None and any(conn.misses(record.epoch, record.seq) for conn in devices):
-            catchup.fill(user_id, data)
-            return
+        epoch, seq = record.epoch, record.seq
+        if not filled and catchup is not None:
+            for conn in devices:  # a loop, not any(): this runs for every recorded message
+                if conn.misses(epoch, seq):
+                    catchup.fill(user_id, data)
+                    return
         prepared = self._record_frame(record)
         if prepared is None or passed(record.expires_at):
             if prepared is not None:
                 self.metrics.incr(m.MESSAGES_EXPIRED)
             for conn in devices:  # passed over, not missed: no gap fill for it later
                 if conn.opening is None:
-                    conn.take_record(record.epoch, record.seq)
+                    conn.take_record(epoch, seq)
             return
         frame, kind = prepared
         deliver, sent = self.flow.deliver, 0
         for conn in list(devices):
             if conn.opening is not None:
-                conn.hold_record(record.epoch, record.seq, frame)
-            elif conn.take_record(record.epoch, record.seq):
+                conn.hold_record(epoch, seq, frame)
+            elif conn.take_record(epoch, seq):
                 deliver(conn, frame, None)
             else:
                 continue
             sent += 1
         if sent:
-            self.metrics.incr(m.MESSAGES_OUT.format(type=kind), sent)
-            self.metrics.timing(m.DELIVERY_MS.format(type=kind), now_ms() - record.timestamp)
+            out_name, delivery_name = m.delivery_names(kind)
+            self.metrics.incr(out_name, sent)
+            self.metrics.timing(delivery_name, now_ms() - record.timestamp)
 
     def _record_frame(self, record: Record) -> tuple[bytes, str] | None:
         try:

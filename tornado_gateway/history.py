@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, TypeGuard
+from typing import Any, Final, Protocol
 
 import ujson
 
@@ -242,26 +242,20 @@ def decode_record(data: bytes) -> Record | None:
     """The record in `data`, or None when it is something else (a plain envelope, or not JSON).
 
     ujson keeps [] and integers beyond 64 bits as they are, so the payload the gateway re-encodes
-    from `message` is the one the producer sent."""
+    from `message` is the one the producer sent. Run for every recorded message delivered: lookups
+    that raise and `type() is` checks (which also keep bools out) instead of `.get()` and isinstance:
+    1.2 us against 1.6 (timeit)."""
     try:
         parsed = ujson.loads(data)
-    except (ValueError, OverflowError, RecursionError):
+        head, message = parsed["recorded"], parsed["message"]
+        seq, epoch, message_id, stamp = head["seq"], head["epoch"], head["id"], head["timestamp"]
+    except (ValueError, OverflowError, RecursionError, KeyError, TypeError, IndexError):
         return None
-    if not isinstance(parsed, dict) or "type" in parsed:
+    if (type(seq) is not int or type(stamp) is not int or type(epoch) is not str
+            or type(message_id) is not str or type(message) is not dict or "type" in parsed):
         return None
-    head, message = parsed.get("recorded"), parsed.get("message")
-    if not isinstance(head, dict) or not isinstance(message, dict):
-        return None
-    seq, epoch, message_id, stamp = head.get("seq"), head.get("epoch"), head.get("id"), head.get("timestamp")
     expires_at = head.get("expiresAt")
-    if not (_is_int(seq) and isinstance(epoch, str) and isinstance(message_id, str) and _is_int(stamp)):
-        return None
-    return Record(seq=seq, epoch=epoch, id=message_id, timestamp=stamp, message=message,
-                  expires_at=expires_at if _is_int(expires_at) else None)
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return Record(seq, epoch, message_id, stamp, message, expires_at if type(expires_at) is int else None)
 
 
 def base36(number: int) -> str:

@@ -65,9 +65,11 @@ local EXPIRES_AT = '^{"recorded":{"seq":%d+,"epoch":"%w*","expiresAt":(%d+)'
 -- A global costs a table lookup or two at every use (30 ns: a microsecond per call, all told), so the
 -- ones used on every call are upvalues, bound by every function before anything else (a library's
 -- load-time code cannot reach the globals).
-local call, find, byte, sub, type, tonumber = nil, nil, nil, nil, nil, nil
+local call, find, byte, sub, type, tonumber, next, null = nil, nil, nil, nil, nil, nil, nil, nil
 local function bind_globals()
-  call, find, byte, sub, type, tonumber = redis.call, string.find, string.byte, string.sub, _G.type, _G.tonumber
+  call, find, byte, sub, type, tonumber, next = redis.call, string.find, string.byte, string.sub, _G.type, _G.tonumber,
+    _G.next
+  null = cjson.null
 end
 
 -- A cjson of the library's own, with invalid numbers off: the shared one takes NaN, Infinity, hex
@@ -136,7 +138,7 @@ local function all_finite(value)
   return true
 end
 
-local function absent(value) return value == nil or value == cjson.null end
+local function absent(value) return value == nil or value == null end
 
 local function integral(value)
   return type(value) == 'number' and value == math.floor(value) and value >= 0 and value <= MAX_SAFE_INTEGER
@@ -209,26 +211,33 @@ local function hash_tag(text)
   return sub(text, open + 1, close - 1)
 end
 
--- The list, meta and ids keys of a user, named as Keys.history, history_meta and history_ids.
+-- The list and meta keys of a user, named as Keys.history and history_meta; ids_key below is
+-- Keys.history_ids, made only when needed (a string made is 0.1 us, and most records need no ids).
 local function history_keys(user_id)
-  local head = PREFIX .. ':history:{'
   if not find(user_id, '}', 1, true) then
-    head = head .. user_id .. '}'
-    return head, head .. ':meta', head .. ':ids'
+    local list = HISTORY_HEAD .. user_id .. '}'
+    return list, list .. ':meta'
   end
-  head = head .. (hash_tag(user_id) or '') .. '}:'
-  return head .. 'list:' .. user_id, head .. 'meta:' .. user_id, head .. 'ids:' .. user_id
+  local head = HISTORY_HEAD .. (hash_tag(user_id) or '') .. '}:'
+  return head .. 'list:' .. user_id, head .. 'meta:' .. user_id
+end
+
+local function ids_key(user_id)
+  if not find(user_id, '}', 1, true) then return HISTORY_HEAD .. user_id .. '}:ids' end
+  return HISTORY_HEAD .. (hash_tag(user_id) or '') .. '}:ids:' .. user_id
 end
 
 -- Keys.user_channel: in a cluster the channel carries the userId's hash tag, so the SPUBLISH stays
 -- in the slot this call was routed to.
 local function user_channel(user_id)
-  if not CLUSTER then return PREFIX .. ':user:' .. user_id end
-  if not string.find(user_id, '}', 1, true) then return PREFIX .. ':user:{' .. user_id .. '}' end
-  return PREFIX .. ':user:{' .. (hash_tag(user_id) or '') .. '}:' .. user_id
+  if not CLUSTER then return USER_HEAD .. user_id end
+  if not find(user_id, '}', 1, true) then return USER_HEAD .. '{' .. user_id .. '}' end
+  return USER_HEAD .. '{' .. (hash_tag(user_id) or '') .. '}:' .. user_id
 end
 
--- The decoded facts of a valid message, or nil and the reason (the same words as history.check_message).
+-- What the record needs of a valid message: its type, producer id (or nil), expiresAt (or nil) and
+-- timestamp as text; for an invalid one nil and the reason (the same words as history.check_message).
+-- Values, not a table: one table less per call.
 local function check_message(raw, time)
   if type(raw) ~= 'string' then return nil, NOT_JSON_REASON end
   if #raw > MAX_MESSAGE_SIZE then
@@ -243,33 +252,32 @@ local function check_message(raw, time)
   if type(kind) ~= 'string' or not REQUIRED[kind] then return nil, UNKNOWN_TYPE_REASON .. ' ' .. TYPE_NAMES end
   local payload = message.payload
   if type(payload) ~= 'table' or type((next(payload))) == 'number' then return nil, 'payload must be an object' end
-  local missing = nil
-  for _, name in ipairs(REQUIRED[kind]) do
-    if absent(payload[name]) then
+  local required, missing = REQUIRED[kind], nil
+  for i = 1, #required do
+    if absent(payload[required[i]]) then
       missing = missing or {}
-      missing[#missing + 1] = name
+      missing[#missing + 1] = required[i]
     end
   end
   if missing then return nil, kind .. ' payload is missing ' .. table.concat(missing, ', ') end
-  local facts = {kind = kind}
-  if not absent(message.id) then
-    if type(message.id) ~= 'string' or message.id == '' or utf8_length(message.id) > MAX_ID_LENGTH then
-      return nil, 'id must be a UTF-8 string of 1..' .. MAX_ID_LENGTH .. ' characters'
-    end
-    facts.id = message.id
+  local id, expires, stamp = message.id, message.expiresAt, message.timestamp
+  if id == null then
+    id = nil
+  elseif id ~= nil and (type(id) ~= 'string' or id == '' or utf8_length(id) > MAX_ID_LENGTH) then
+    return nil, 'id must be a UTF-8 string of 1..' .. MAX_ID_LENGTH .. ' characters'
   end
-  if not absent(message.expiresAt) then
-    if not integral(message.expiresAt) then return nil, EXPIRES_AT_REASON end
-    if message.expiresAt <= now_ms(time) then return nil, EXPIRED_REASON end
-    facts.expires = message.expiresAt
+  if expires == null then
+    expires = nil
+  elseif expires ~= nil then
+    if not integral(expires) then return nil, EXPIRES_AT_REASON end
+    if expires <= now_ms(time) then return nil, EXPIRED_REASON end
   end
-  local stamp = message.timestamp
   if type(stamp) == 'number' and stamp == stamp and stamp >= 0 and stamp <= MAX_SAFE_INTEGER then
-    facts.timestamp = int_text(math.floor(stamp))
+    stamp = int_text(math.floor(stamp))
   else
-    facts.timestamp = now_text(time)
+    stamp = now_text(time)
   end
-  return facts
+  return kind, id, expires, stamp
 end
 
 -- A producer id as a JSON string, as history.record_bytes (ujson) writes it: cjson also escapes '/'
@@ -279,13 +287,14 @@ local function id_json(id)
   return '"' .. string.gsub(id, '[^/\127]+', function(run) return sub(cjson.encode(run), 2, -2) end) .. '"'
 end
 
--- history.record_bytes, byte for byte, in one concatenation; `id_json` is the id as a JSON string
--- (id_json of a producer id; a generated one, epoch and seq, needs no escaping).
-local function record_text(seq_text, epoch, id_json, facts, raw)
-  local expiry = ''
-  if facts.expires then expiry = ',"expiresAt":' .. int_text(facts.expires) end
+-- history.record_bytes, byte for byte, in one concatenation; the id is the producer's (escaped by
+-- id_json) or, without one, made of epoch and seq (nothing to escape).
+local function record_text(seq_text, epoch, id, expires, stamp, raw)
+  local expiry, id_text = '', nil
+  if expires then expiry = ',"expiresAt":' .. int_text(expires) end
+  if id then id_text = id_json(id) else id_text = '"' .. epoch .. '-' .. seq_text .. '"' end
   return '{"recorded":{"seq":' .. seq_text .. ',"epoch":"' .. epoch .. '"' .. expiry .. ',"timestamp":'
-    .. facts.timestamp .. ',"id":' .. id_json .. '},"message":' .. raw .. '}'
+    .. stamp .. ',"id":' .. id_text .. '},"message":' .. raw .. '}'
 end
 
 -- A Redis restored from an RDB snapshot (no AOF) may have taken a user's seq back while the epoch
@@ -329,30 +338,31 @@ local function current_epoch(meta)
 end
 
 -- A new run of the history; leftovers of an old run (a list that outlived its meta) carry its seqs.
-local function start_epoch(list, meta, ids, time)
+local function start_epoch(user_id, list, meta, time)
   local epoch, window = new_epoch(time), ttl_window(time)
-  call('DEL', list, ids)
+  call('DEL', list, ids_key(user_id))
   call('HSET', meta, 'epoch', epoch, 'seq', 0, 'noids', 1, 'gen', run_generation(), 'ttlw', window or '')
   call('PEXPIREAT', meta, expiry_text(window, time))
   return epoch, '0', false, window
 end
 
--- {seq, duplicate 0/1, epoch or nil, message id}, or nil and the reason the message is refused.
+-- seq, duplicate 0/1, epoch (false: delivered live, not recorded), the producer's id or nil, and the
+-- seq as text; or nil and the reason the message is refused. Values, not a table (see check_message).
 local function record(user_id, raw)
   if type(user_id) ~= 'string' or user_id == '' then return nil, EMPTY_USER_REASON end
   local time = call('TIME')
-  local facts, reason = check_message(raw, time)
-  if not facts then return nil, reason end
-  if HISTORY_SIZE == 0 or LATEST_VALUE[facts.kind] then
+  local kind, id, expires, stamp = check_message(raw, time)
+  if not kind then return nil, id end
+  if HISTORY_SIZE == 0 or LATEST_VALUE[kind] then
     call(PUBLISH_COMMAND, user_channel(user_id), raw)
-    return {0, 0, false, facts.id or ''}
+    return 0, 0, false, id
   end
-  local list, meta, ids = history_keys(user_id)
+  local list, meta = history_keys(user_id)
   local epoch, last, has_ids, refreshed = current_epoch(meta)
-  if not epoch then epoch, last, has_ids, refreshed = start_epoch(list, meta, ids, time) end
-  if facts.id then  -- looked up even when `noids` says none: an older release may be recording too
-    local original = call('ZSCORE', ids, facts.id)
-    if original then return {tonumber(original), 1, epoch, facts.id} end
+  if not epoch then epoch, last, has_ids, refreshed = start_epoch(user_id, list, meta, time) end
+  if id then  -- looked up even when `noids` says none: an older release may be recording too
+    local original = call('ZSCORE', ids_key(user_id), id)
+    if original then return tonumber(original), 1, epoch, id end
   end
   -- Every call counts (about a microsecond each, a number-to-text conversion 0.4): the trim, the
   -- expiry refresh and everything about producer ids happen only when there is something to do.
@@ -360,7 +370,7 @@ local function record(user_id, raw)
   local seq = tonumber(seq_text)
   local window = ttl_window(time)
   local refresh = window == nil or window ~= refreshed
-  local new_ids = facts.id and not has_ids
+  local new_ids = id and not has_ids
   if refresh and new_ids then
     call('HSET', meta, 'seq', seq_text, 'ttlw', window or '', 'noids', '0')
   elseif refresh then
@@ -371,14 +381,7 @@ local function record(user_id, raw)
     call('HSET', meta, 'seq', seq_text)
   end
   has_ids = has_ids or new_ids
-  local message_id, id_text = facts.id, nil
-  if message_id then
-    id_text = id_json(message_id)
-  else
-    message_id = epoch .. '-' .. seq_text
-    id_text = '"' .. message_id .. '"'
-  end
-  local data = record_text(seq_text, epoch, id_text, facts, raw)
+  local data = record_text(seq_text, epoch, id, expires, stamp, raw)
   -- Trimmed in batches: the list holds up to HISTORY_SIZE + TRIM_SLACK records, since_function
   -- serves the last HISTORY_SIZE of them.
   local length = call('RPUSH', list, data)
@@ -386,14 +389,15 @@ local function record(user_id, raw)
   local expiry = nil  -- when every key of the history expires: the end of the refreshed window + HISTORY_TTL
   if refresh or length == 1 or has_ids then expiry = expiry_text(window, time) end
   if has_ids then
-    if facts.id then call('ZADD', ids, seq_text, facts.id) end
+    local ids = ids_key(user_id)
+    if id then call('ZADD', ids, seq_text, id) end
     if seq > HISTORY_SIZE then call('ZREMRANGEBYSCORE', ids, '-inf', int_text(seq - HISTORY_SIZE)) end
     call('PEXPIREAT', ids, expiry)
   end
   if refresh or length == 1 then call('PEXPIREAT', list, expiry) end  -- 1: the list is new
   if refresh then call('PEXPIREAT', meta, expiry) end
   call(PUBLISH_COMMAND, user_channel(user_id), data)
-  return {seq, 0, epoch, message_id}
+  return seq, 0, epoch, id, seq_text
 end
 
 local function refused(reason) return redis.error_reply(INVALID_MESSAGE_PREFIX .. reason) end
@@ -407,25 +411,28 @@ end
 local function record_function(keys, args)
   local bad = one_key(keys)
   if bad then return bad end
-  local result, reason = record(keys[1], args[1])
-  if not result then return refused(reason) end
-  return result
+  local seq, duplicate, epoch, id, seq_text = record(keys[1], args[1])
+  if not seq then return refused(duplicate) end
+  if not id then id = epoch and (epoch .. '-' .. seq_text) or '' end
+  return {seq, duplicate, epoch, id}
 end
 
 -- FCALL <prefix>_publish 1 <userId> <message JSON> -> seq (0: delivered live, not recorded)
 local function publish_function(keys, args)
-  local result = record_function(keys, args)
-  if result.err then return result end
-  return result[1]
+  local bad = one_key(keys)
+  if bad then return bad end
+  local seq, reason = record(keys[1], args[1])
+  if not seq then return refused(reason) end
+  return seq
 end
 
 -- FCALL <prefix>_position 1 <userId> -> {epoch, seq}; the epoch is created when there is none.
 local function position_function(keys)
   local bad = one_key(keys)
   if bad then return bad end
-  local list, meta, ids = history_keys(keys[1])
+  local list, meta = history_keys(keys[1])
   local epoch, seq = current_epoch(meta)
-  if not epoch then epoch, seq = start_epoch(list, meta, ids, call('TIME')) end
+  if not epoch then epoch, seq = start_epoch(keys[1], list, meta, call('TIME')) end
   return {epoch, tonumber(seq)}
 end
 
@@ -494,6 +501,8 @@ def render_library(keys: Keys, *, size: int, ttl_s: float, max_message_size: int
     constants = "\n".join([
         f"local PREFIX = {lua_string(keys.prefix)}",
         f"local FN = {lua_string(keys.function_prefix())}",
+        f"local HISTORY_HEAD = {lua_string(keys.prefix + ':history:{')}",
+        f"local USER_HEAD = {lua_string(keys.prefix + ':user:')}",
         f"local CLUSTER = {'true' if keys.cluster else 'false'}",
         f"local PUBLISH_COMMAND = {lua_string('SPUBLISH' if keys.cluster else 'PUBLISH')}",
         f"local HISTORY_SIZE = {size}",

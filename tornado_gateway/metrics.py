@@ -23,6 +23,7 @@ so the last value is the right one and they carry no instance.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -75,6 +76,13 @@ TIMERS = frozenset({REDIS_PUBLISH_MS, HEARTBEAT_TICK_MS, DELIVERY_MS, PROBE_MS})
 INSTANCE_SCOPE = "instance.{server_id}."
 
 _NOT_A_NAME_PART = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@functools.cache
+def delivery_names(kind: str) -> tuple[str, str]:
+    """MESSAGES_OUT and DELIVERY_MS for a message type. Called for every message delivered; a
+    str.format each costs 0.15 us. `kind` is a validated service type, so the cache stays small."""
+    return MESSAGES_OUT.format(type=kind), DELIVERY_MS.format(type=kind)
 
 
 def instance_node(server_id: str) -> str:
