@@ -222,6 +222,17 @@ def start_all(*gateways: GatewayProcess) -> list[GatewayProcess]:
     return [gateway.wait_started() for gateway in gateways]
 
 
+async def read_within(ws: WebSocketClientConnection, timeout: float) -> str | bytes | None:
+    """The next message (None once closed), or TimeoutError after `timeout` seconds.
+
+    Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives while the message it
+    waits for is already there (it returns the message instead, python/cpython#86296, fixed in 3.12),
+    so a reader task cancelled by a test's teardown could keep reading until the gateway closed its
+    socket: a heartbeat timeout 4408 about 90 s later. asyncio.timeout() lets the cancellation through."""
+    async with asyncio.timeout(timeout):
+        return await ws.read_message()
+
+
 class Client:
     """A WebSocket client that keeps every frame it received, so tests can wait for a type."""
 
@@ -246,7 +257,7 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no {kind or 'frame'} within {timeout}s; got {self.frames[-5:]}")
-            raw = await asyncio.wait_for(self.ws.read_message(), remaining)
+            raw = await read_within(self.ws, remaining)
             if raw is None:
                 raise ConnectionError(f"closed {self.ws.close_code} {self.ws.close_reason} waiting for {kind}")
             frame = json.loads(raw)
@@ -261,7 +272,7 @@ class Client:
         seen: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
         while True:
-            raw = await asyncio.wait_for(self.ws.read_message(), max(0.01, deadline - time.monotonic()))
+            raw = await read_within(self.ws, max(0.01, deadline - time.monotonic()))
             if raw is None:
                 return self.ws.close_code, seen
             seen.append(json.loads(raw))
