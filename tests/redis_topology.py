@@ -2,15 +2,14 @@
 
 A primary, a replica and three sentinels for the Sentinel tests (issue #11); three primaries and
 three replicas for the Redis Cluster tests. Nothing is persisted: each node gets a scratch directory
-(sentinels rewrite their config file, cluster nodes their nodes.conf), removed on stop.
+(sentinels rewrite their config file, cluster nodes their nodes.conf), removed on stop. Nodes are
+scripts/local_cluster.py's `Node`, and the cluster is its `LocalCluster` (start, create, settle): the
+benchmarks and the tests start Redis the same way.
 """
 
 from __future__ import annotations
 
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
 import time
 import uuid
@@ -21,71 +20,24 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
-from scripts.loadgen import free_port
+from scripts.local_cluster import LocalCluster, Node, NodeRow, cluster_nodes, cluster_port, slot_tables_agree
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli")
-CLUSTER_BUS_OFFSET = 10000  # Redis Cluster's default: the node-to-node bus listens on port + 10000
 MASTER_NAME = "gwmaster"
+NO_DISK = ("--save", "", "--appendonly", "no")
+
+__all__ = ["MASTER_NAME", "REDIS_CLI", "ClusterTopology", "Node", "SentinelTopology"]
 
 
-class Node:
-    """One redis-server (or sentinel) process owned by the test."""
-
-    def __init__(self, args: list[str], *, port: int | None = None, config: str | None = None) -> None:
-        self.port = port or free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="redis-topology-"))
-        self.config = config
-        self.args = args
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> Node:
-        command = [REDIS_SERVER]
-        if self.config is not None:  # sentinel: needs a writable config file
-            path = self.dir / "sentinel.conf"
-            path.write_text(self.config)
-            command += [str(path), "--sentinel"]
-        command += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), *self.args]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if self.client(timeout=0.2).ping():
-                    return self
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis on {self.port} did not start")
-
-    def client(self, timeout: float = 2.0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=timeout, socket_timeout=timeout)
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, nothing flushed, every connection reset."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def role(self) -> str:
-        reply = self.client().execute_command("ROLE")
-        return str(reply[0].decode() if isinstance(reply[0], bytes) else reply[0])
+def scratch_node(port: int, *args: str, config: str | None = None) -> Node:
+    """A Node in a scratch directory of its own (removed on stop), with a sentinel's config file
+    written there if given: a sentinel rewrites it, so it must be writable and not shared."""
+    directory = Path(tempfile.mkdtemp(prefix="redis-topology-"))
+    config_file = None
+    if config is not None:
+        config_file = directory / "sentinel.conf"
+        config_file.write_text(config)
+    return Node(port, directory, args, config_file)
 
 
 class SentinelTopology:
@@ -96,24 +48,19 @@ class SentinelTopology:
 
     def __init__(self, *, sentinels: int = 3, quorum: int = 2, down_after_ms: int = 1000,
                  failover_timeout_ms: int = 3000) -> None:
-        no_disk = ["--save", "", "--appendonly", "no"]
         self._ports: set[int] = set()
-        self.primary = Node(no_disk, port=self._port())
-        self.replica = Node([*no_disk, "--replicaof", "127.0.0.1", str(self.primary.port)], port=self._port())
+        self.primary = self._node(*NO_DISK)
+        self.replica = self._node(*NO_DISK, "--replicaof", "127.0.0.1", str(self.primary.port))
         config = (f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.primary.port} {quorum}\n"
                   f"sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n"
                   f"sentinel failover-timeout {MASTER_NAME} {failover_timeout_ms}\n"
                   f"sentinel parallel-syncs {MASTER_NAME} 1\n")
-        self.sentinels = [Node([], port=self._port(), config=config) for _ in range(sentinels)]
+        self.sentinels = [self._node("--sentinel", config=config) for _ in range(sentinels)]
         self.data_nodes = [self.primary, self.replica]
 
-    def _port(self) -> int:
-        """A free port no other node of this topology took (none is bound before start)."""
-        port = free_port()
-        while port in self._ports:
-            port = free_port()
-        self._ports.add(port)
-        return port
+    def _node(self, *args: str, config: str | None = None) -> Node:
+        """A node on a free port no other node of this topology took (none is bound before start)."""
+        return scratch_node(cluster_port(self._ports), *args, config=config)
 
     @property
     def sentinel_addresses(self) -> str:
@@ -170,72 +117,47 @@ class SentinelTopology:
 
 
 class ClusterTopology:
-    """Redis Cluster: three primaries and one replica each, created with `redis-cli --cluster create`.
+    """Redis Cluster: three primaries and one replica each, a scripts/local_cluster.LocalCluster.
 
     `node_timeout_ms` 1000 and `cluster-replica-validity-factor 0` (a replica may always stand for
     election, however long its link was down) make a killed primary replaced in about two seconds.
     `require_full_coverage` is Redis's default (yes): while a shard has no primary, every node
-    answers CLUSTERDOWN, the other shards included, until the promotion. Ports are below 22768, so
-    each cluster bus port (port + 10000) is free too and stays below the ephemeral range (32768+)
-    where an outgoing connection could take it."""
+    answers CLUSTERDOWN, the other shards included, until the promotion. LocalCluster picks ports
+    below 22768, so each cluster bus port (port + 10000) is free too and stays below the ephemeral
+    range (32768+) where an outgoing connection could take it. What this class adds is for the
+    tests: node ids, the live slot map (it changes on a failover), kill/restart and redis-py clients."""
 
     def __init__(self, *, primaries: int = 3, replicas_per_primary: int = 1, node_timeout_ms: int = 1000,
                  require_full_coverage: bool = True) -> None:
-        self._ports: set[int] = set()
         self.node_timeout_ms = node_timeout_ms
         self.replicas_per_primary = replicas_per_primary
-        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",  # relative to --dir
-                "--cluster-node-timeout", str(node_timeout_ms), "--cluster-replica-validity-factor", "0",
-                "--cluster-require-full-coverage", "yes" if require_full_coverage else "no",
-                "--appendonly", "no", "--save", "",
-                "--repl-diskless-sync-delay", "0"]  # a replica's first sync at once, not after 5 s
-        count = primaries * (1 + replicas_per_primary)
-        self.nodes = [Node(args, port=self._port()) for _ in range(count)]
+        self.local = LocalCluster(primaries, replicas_per_primary, node_timeout_ms, extra_args=(
+            "--cluster-replica-validity-factor", "0",
+            "--cluster-require-full-coverage", "yes" if require_full_coverage else "no"),
+            replicas_in_slot_map=False)  # replicas_of() reads CLUSTER NODES: no need to wait ~10 s more
         self.ids: dict[str, Node] = {}  # node id -> Node
         self.startup_seconds = 0.0
 
-    def _port(self) -> int:
-        """A free port below 22768 whose bus port is free too, not taken by another node of this cluster."""
-        while True:
-            port = free_port()
-            if port + CLUSTER_BUS_OFFSET >= 32768 or port in self._ports or port + CLUSTER_BUS_OFFSET in self._ports:
-                continue
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
-                except OSError:
-                    continue
-            self._ports.update((port, port + CLUSTER_BUS_OFFSET))
-            return port
+    @property
+    def nodes(self) -> list[Node]:
+        return self.local.nodes
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> ClusterTopology:
         if REDIS_CLI is None:
             raise RuntimeError("redis-cli is not installed: it creates the cluster")
-        started = time.monotonic()
+        self.local.start()
         try:
-            for node in self.nodes:
-                node.start()
-            create = subprocess.run(
-                [REDIS_CLI, "--cluster", "create", *(node.address for node in self.nodes),
-                 "--cluster-replicas", str(self.replicas_per_primary), "--cluster-yes"],
-                capture_output=True, timeout=60)
-            if create.returncode != 0:
-                raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout.decode(errors='replace')}"
-                                   f"{create.stderr.decode(errors='replace')}")
-            self.ids = {node.client().execute_command("CLUSTER", "MYID").decode(): node for node in self.nodes}
-            self.wait_until(self.settled, 30, "the cluster did not settle (state ok, slots and replicas agreed)")
+            self.ids = {self._my_id(node): node for node in self.nodes}
         except BaseException:
             self.stop()
             raise
-        self.startup_seconds = time.monotonic() - started
+        self.startup_seconds = self.local.startup_s
         return self
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-            node.remove()
+        self.local.stop()
 
     def seed_url(self) -> str:
         """redis://<one primary>: what REDIS_URL names in cluster mode (any one node will do)."""
@@ -244,34 +166,20 @@ class ClusterTopology:
     # --- who holds what -------------------------------------------------------------------------
 
     def live(self) -> list[Node]:
-        return [node for node in self.nodes if node.proc is not None and node.proc.poll() is None]
+        return self.local.live()
 
-    def cluster_nodes(self, via: Node | None = None) -> list[dict[str, object]]:
-        """CLUSTER NODES as one node sees it: id, port, flags, master id (None for a primary), slots."""
-        node = via or self.live()[0]
-        text = node.client().execute_command("CLUSTER", "NODES")
-        rows: list[dict[str, object]] = []
-        for line in (text.decode() if isinstance(text, bytes) else str(text)).splitlines():
-            fields = line.split()
-            slots: list[tuple[int, int]] = []
-            for item in fields[8:]:
-                if item.startswith("["):  # a slot being migrated
-                    continue
-                low, _, high = item.partition("-")
-                slots.append((int(low), int(high or low)))
-            rows.append({"id": fields[0], "port": int(fields[1].split("@")[0].rsplit(":", 1)[1]),
-                         "flags": set(fields[2].split(",")), "master": None if fields[3] == "-" else fields[3],
-                         "connected": fields[7] == "connected", "slots": slots})
-        return rows
+    def cluster_nodes(self, via: Node | None = None) -> list[NodeRow]:
+        """CLUSTER NODES as one node sees it (the first live one unless told)."""
+        return cluster_nodes(via or self.live()[0])
 
     def slot_map(self, via: Node | None = None) -> dict[tuple[int, int], int]:
-        """Slot range -> port of the primary serving it, as `via` sees it."""
-        return {rng: int(row["port"])  # type: ignore[call-overload]
-                for row in self.cluster_nodes(via) if "master" in row["flags"] and "fail" not in row["flags"]
-                for rng in row["slots"]}  # type: ignore[attr-defined]
+        """Slot range -> port of the primary serving it, as `via` sees it now (not LocalCluster's
+        map, read once at start: a failover or a migration changes it)."""
+        return {rng: row.port for row in self.cluster_nodes(via)
+                if "master" in row.flags and "fail" not in row.flags for rng in row.slots}
 
     def node_at(self, port: int) -> Node:
-        return next(node for node in self.nodes if node.port == port)
+        return self.local.node_at(port)
 
     def primaries(self) -> list[Node]:
         """The live primaries serving slots, in slot order (the first one serves slot 0)."""
@@ -281,8 +189,8 @@ class ClusterTopology:
 
     def replicas_of(self, primary: Node) -> list[Node]:
         primary_id = self.node_id(primary)
-        return [self.node_at(int(row["port"])) for row in self.cluster_nodes()  # type: ignore[call-overload]
-                if row["master"] == primary_id and "fail" not in row["flags"]]  # type: ignore[operator]
+        return [self.node_at(row.port) for row in self.cluster_nodes()
+                if row.master == primary_id and "fail" not in row.flags]
 
     def node_id(self, node: Node) -> str:
         return next(node_id for node_id, known in self.ids.items() if known is node)
@@ -324,81 +232,38 @@ class ClusterTopology:
         """Wait until a replica of the killed primary serves its slots and every live node agrees,
         with state ok everywhere. Returns the promoted node and the seconds since the kill."""
         killed_id = self.node_id(killed)
-        replica_ids = {node_id for node_id, node in self.ids.items()
-                       if any(row["id"] == node_id and row["master"] == killed_id
-                              for row in self.cluster_nodes(self.live()[0]))}
+        replica_ids = {row.id for row in self.cluster_nodes() if row.master == killed_id and row.id in self.ids}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 views = [self.cluster_nodes(node) for node in self.live()]
-                states = [self._info(node)["cluster_state"] for node in self.live()]
-            except redis.exceptions.RedisError:
+                states = [node.info("CLUSTER", "INFO").get("cluster_state") for node in self.live()]
+            except (OSError, RuntimeError):
                 time.sleep(0.02)
                 continue
-            promoted = {row["id"] for view in views for row in view
-                        if row["id"] in replica_ids and "master" in row["flags"] and row["slots"]}  # type: ignore[operator]
-            if len(promoted) == 1 and all(s == "ok" for s in states) and self._views_agree(views):
-                node = self.ids[str(promoted.pop())]
-                return node, time.monotonic() - killed_at
+            promoted = {row.id for view in views for row in view
+                        if row.id in replica_ids and "master" in row.flags and row.slots}
+            if len(promoted) == 1 and all(s == "ok" for s in states) and slot_tables_agree(views):
+                return self.ids[promoted.pop()], time.monotonic() - killed_at
             time.sleep(0.02)
         raise RuntimeError(f"no replica of {killed.address} was promoted within {timeout} s")
 
     def restart(self, node: Node) -> None:
         """Start a killed node again: with its nodes.conf it rejoins, as a replica of its successor."""
         node.start()
-        self.wait_until(self.settled, 30, f"{node.address} did not rejoin")
+        self.local.wait_settled(30, f"{node.address} did not rejoin")
 
     # --- settling -------------------------------------------------------------------------------
 
     def role_of(self, node: Node) -> set[str]:
-        me = next(row for row in self.cluster_nodes(node) if "myself" in row["flags"])  # type: ignore[operator]
-        return me["flags"]  # type: ignore[return-value]
-
-    @staticmethod
-    def _info(node: Node) -> dict[str, str]:
-        text = node.client().execute_command("CLUSTER", "INFO")
-        lines = (text.decode() if isinstance(text, bytes) else str(text)).splitlines()
-        return dict(line.split(":", 1) for line in lines if ":" in line)
-
-    @staticmethod
-    def _views_agree(views: list[list[dict[str, object]]]) -> bool:
-        """Every view has the same primaries with the same slots, all 16384 covered, no node flagged."""
-        shapes = []
-        for view in views:
-            shape = sorted((str(row["id"]), tuple(row["slots"]))  # type: ignore[call-overload]
-                           for row in view if "master" in row["flags"] and row["slots"])  # type: ignore[operator]
-            covered = sum(high - low + 1 for _id, slots in shape for low, high in slots)
-            if covered != 16384:
-                return False
-            shapes.append(shape)
-        return all(shape == shapes[0] for shape in shapes)
+        """The flags `node` gives itself in CLUSTER NODES (`master` or `slave`, with `myself`)."""
+        return set(next(row for row in self.cluster_nodes(node) if "myself" in row.flags).flags)
 
     def settled(self) -> bool:
-        """state ok on every live node, the same slot table everywhere, every node known and connected
-        (no `fail`/`pfail`/`handshake`), and every replica in sync with its primary."""
-        live = self.live()
-        try:
-            for node in live:
-                if self._info(node).get("cluster_state") != "ok":
-                    return False
-            views = [self.cluster_nodes(node) for node in live]
-            for view in views:
-                alive = [row for row in view if int(row["port"]) in {n.port for n in live}]  # type: ignore[call-overload]
-                if len(alive) != len(live):
-                    return False
-                for row in alive:
-                    if row["flags"] & {"fail", "fail?", "handshake", "noaddr"} or not row["connected"]:  # type: ignore[operator]
-                        return False
-            if not self._views_agree(views):
-                return False
-            for node in live:
-                info = node.client().info("replication")
-                if info.get("role") == "slave" and info.get("master_link_status") != "up":
-                    return False
-        except redis.exceptions.RedisError:
-            return False
-        return True
+        """LocalCluster's settle check, over the live nodes (see LocalCluster.unsettled)."""
+        return not self.local.unsettled()
 
     @staticmethod
-    def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-        SentinelTopology.wait_until(check, timeout, what)
+    def _my_id(node: Node) -> str:
+        reply = node.call("CLUSTER", "MYID")
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
