@@ -462,7 +462,7 @@ class Gateway:
         deliver = self.flow.deliver
         for conn in list(devices.values()):
             deliver(conn, frame, key)
-        self.metrics.incr(m.delivery_names(kind)[0], len(devices))
+        self.metrics.incr(m.per_type(m.MESSAGES_OUT, kind), len(devices))
 
     def _deliver_record(self, user_id: str, devices: Collection[Connection], data: bytes, *,
                         filled: bool = False) -> None:
@@ -500,9 +500,8 @@ class Gateway:
                 continue
             sent += 1
         if sent:
-            out_name, delivery_name = m.delivery_names(kind)
-            self.metrics.incr(out_name, sent)
-            self.metrics.timing(delivery_name, now_ms() - record.timestamp)
+            self.metrics.incr(m.per_type(m.MESSAGES_OUT, kind), sent)
+            self.metrics.timing(m.per_type(m.DELIVERY_MS, kind), now_ms() - record.timestamp)
 
     def _record_frame(self, record: Record) -> tuple[bytes, str] | None:
         try:
