@@ -176,9 +176,7 @@ class RedisBus(RedisPublishing):
         await self.subscribe_channel(self._keys.user_channel(user_id))
 
     async def subscribe_channel(self, channel: str) -> None:
-        waiter = self.request_channel(channel)
-        if waiter is not None:
-            await self._confirmation(waiter)
+        await self.confirmed(self.request_channel(channel))
 
     def request_channel(self, channel: str) -> asyncio.Future[None] | None:
         """Want the channel and send the SUBSCRIBE now; the future resolves on Redis's confirmation

@@ -55,7 +55,7 @@ FUNCTION_NOT_FOUND: Final = "Function not found"
 UNRECORDABLE_USER_REASON: Final = ("this userId has a '}' but no hash tag: on a Redis Cluster its history cannot "
                                    "share the slot of the bare userId, so messages to it are not recorded")
 
-# The library body; render_library() puts the constants (PREFIX, FN, HISTORY_SIZE, ...) above it.
+# The library body; render_library() puts the constants (FN, HISTORY_HEAD, HISTORY_SIZE, ...) above it.
 # KEYS[1] of every function is the bare userId: see the module docstring.
 LIBRARY_BODY: Final = r"""
 local DIGITS = '0123456789abcdefghijklmnopqrstuvwxyz'
@@ -499,7 +499,6 @@ def render_library(keys: Keys, *, size: int, ttl_s: float, max_message_size: int
                          for kind, fields in SERVICE_REQUIRED_FIELDS.items())
     latest = ", ".join(f"[{lua_string(kind)}] = true" for kind in sorted(LATEST_VALUE_TYPES))
     constants = "\n".join([
-        f"local PREFIX = {lua_string(keys.prefix)}",
         f"local FN = {lua_string(keys.function_prefix())}",
         f"local HISTORY_HEAD = {lua_string(keys.prefix + ':history:{')}",
         f"local USER_HEAD = {lua_string(keys.prefix + ':user:')}",
