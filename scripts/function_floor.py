@@ -46,7 +46,7 @@ from tornado_gateway.history_redis import LIBRARY_BODY, render_library  # noqa: 
 
 USERS = 3_000  # as bench.py --quick
 RECORD = "local function record(user_id, raw)\n"
-CHECK = "  local kind, id, expires, stamp = check_message(raw, time)\n"
+CHECK = "  local kind, id, expires, stamp, message = check_message(raw, time)\n"
 READ_META = "  local epoch, last, has_ids, refreshed = current_epoch(meta)\n"
 WRITE_SEQ = "    call('HSET', meta, 'seq', seq_text)\n"
 APPEND = "  local length = call('RPUSH', list, data)\n"
@@ -66,7 +66,7 @@ VARIANTS = (
             ((RECORD, RECORD + "  local time = call('TIME')\n  call(PUBLISH_COMMAND, user_channel(user_id), raw)\n"
               "  do return 1 end\n"),)),
     Variant("no_validation", "the library without validating the message (no decode, no checks)",
-            ((CHECK, "  local kind, id, expires, stamp = 'ride_status', nil, nil, now_text(time)\n"),)),
+            ((CHECK, "  local kind, id, expires, stamp, message = 'ride_status', nil, nil, now_text(time), {}\n"),)),
     Variant("decode_only", "the library validating by the JSON decode alone",
             ((CHECK, "  local ok, message = decode(raw)\n"
                      "  local kind, id, expires, stamp = message.type, nil, nil, now_text(time)\n"),)),

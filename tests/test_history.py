@@ -11,16 +11,19 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aredis
+import ujson
 from redis.crc import key_slot
 
 from tests.helpers import RedisServer, unique
 from tornado_gateway.errors import ErrorCode, ValidationError
-from tornado_gateway.history import History, MemoryHistory, decode_record, record_bytes
+from tornado_gateway.history import History, MemoryHistory, check_message, decode_record, record_bytes
 from tornado_gateway.history_redis import RedisHistory
+from tornado_gateway.messages import service_frame
 from tornado_gateway.redis_keys import Keys
 from tornado_gateway.resp import PipelinedClient
 
@@ -34,6 +37,12 @@ def notification(n: int = 0, *, extra: str = "") -> str:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def producer_message(record: bytes) -> Any:
+    """The producer's message inside a stored or published record, parsed (the gateway parses it only
+    when the record cannot be spliced)."""
+    return ujson.loads(record[record.index(b',"message":') + len(b',"message":'):-1])
 
 
 class Published:
@@ -193,7 +202,7 @@ async def test_since_returns_the_records_after_since_in_order(make: Factory) -> 
     replay = await history.since(user, epoch, 2)
     assert (replay.recoverable, replay.epoch, replay.seq) == (True, epoch, 5)
     assert seqs(replay.records) == [3, 4, 5]
-    bodies = [record.message["payload"]["body"] for record in map(decode_record, replay.records) if record]
+    bodies = [producer_message(record)["payload"]["body"] for record in replay.records]
     assert bodies == ["b2", "b3", "b4"]
 
 
@@ -275,7 +284,7 @@ async def test_recorded_message_is_published_as_the_stored_record(make: Factory)
     record = decode_record(live)
     assert record is not None
     assert (record.seq, record.epoch, record.id) == (1, result.epoch, result.message_id)
-    assert record.message == {"type": "notification", "payload": {"title": "t", "body": "b7"}}
+    assert producer_message(live) == {"type": "notification", "payload": {"title": "t", "body": "b7"}}
 
 
 async def test_generated_message_ids_are_unique_per_message(make: Factory) -> None:
@@ -305,7 +314,54 @@ async def test_the_stored_record_is_record_bytes_byte_for_byte(make: Factory) ->
     assert result.message_id == 'ride/7\x7f \\/ "q" \x7f é'
     stored = (await backend.history.since(user, result.epoch or "", 0)).records[0]
     assert stored == record_bytes(result.seq, result.epoch or "", result.message_id, 1767000000000, expires_at,
-                                  message.encode())
+                                  message.encode(), "notification", 0)
+
+
+# Messages on both sides of the splice rule (history.splice_flags): what the gateway appends, or None.
+SPLICE_CASES = [
+    ('{"type":"notification","payload":{"title":"t","body":"b"}}', 3),
+    ('{"type":"notification","payload":{"title":"t","body":"b"},"id":"n-1"}', 2),
+    ('{"type":"notification","payload":{"title":"t","body":"b"},"timestamp":1767000000000}', 1),
+    ('{"type":"notification","payload":{"title":"t","body":"b"},"id":"n/2 é","timestamp":1767000000000,'
+     '"receipt":true}', 0),
+    ('{"type":"notification","payload":{"title":"t","body":"b","timestamp":5},"receipt":true}', 3),
+    ('{"type":"notification","payload":{"title":"t","body":"b"},"receipt":false}', None),
+    ('{"type":"notification","payload":{"title":"t","body":"b"},"trace":"x1"}', None),
+    ('{"type":"notification","payload":{"title":"t","body":"b"},"id":null}', None),
+    ('{"type":"notification","payload":{"title":"t","body":"b"},"timestamp":1767000000000.5}', None),
+    ('{"type":"notification","payload":{"title":"t","body":"b"},"timestamp":1.767e12}', None),
+    ('{"type":"notification","payload":{"title":"t","body":"b"},"timestamp": 1767000000000}', None),
+    ('{"type":"notification","payload":{"title":"t","body":"b"},"timestamp":"soon"}', None),
+    ('{"type":"notification","payload":{"title":"t","body":"b"}} ', None),
+]
+
+
+@pytest.mark.parametrize(("message", "splice"), SPLICE_CASES)
+async def test_both_backends_mark_the_same_records_for_splicing(make: Factory, message: str,
+                                                              splice: int | None) -> None:
+    backend = await make()
+    user = unique("u")
+    result = await backend.history.record(user, message)
+    stored = (await backend.history.since(user, result.epoch or "", 0)).records[0]
+    record = decode_record(stored)
+    assert record is not None
+    assert check_message(message, max_message_size=65536, now=now_ms()).splice == splice
+    assert stored == record_bytes(result.seq, result.epoch or "", result.message_id, record.timestamp, None,
+                                  message.encode(), "notification", splice)
+
+
+@pytest.mark.parametrize(("message", "splice"), SPLICE_CASES)
+def test_a_spliced_frame_says_what_the_re_encoded_frame_says(message: str, splice: int | None) -> None:
+    checked = check_message(message, max_message_size=65536, now=now_ms())
+    message_id = checked.producer_id or "ep-7"
+    spliced = decode_record(record_bytes(7, "ep", message_id, checked.timestamp, None, message.encode(), checked.kind,
+                                         checked.splice))
+    parsed = decode_record(record_bytes(7, "ep", message_id, checked.timestamp, None, message.encode()))
+    assert spliced is not None and parsed is not None and parsed.message is not None
+    assert (spliced.frame is not None) == (splice is not None)
+    re_encoded = service_frame(checked.kind, parsed.message["payload"], message_id, checked.timestamp, parsed.message,
+                               None, 7)
+    assert ujson.loads(spliced.frame or re_encoded) == ujson.loads(re_encoded)
 
 
 async def test_payload_comes_back_byte_exact(make: Factory) -> None:
@@ -317,10 +373,8 @@ async def test_payload_comes_back_byte_exact(make: Factory) -> None:
     stored = (await backend.history.since(user, result.epoch or "", 0)).records[0]
     assert stored.endswith(b',"message":' + message.encode() + b"}")
     assert await published.next() == stored
-    record = decode_record(stored)
-    assert record is not None
-    assert record.message["payload"]["data"]["a"] == [] and record.message["payload"]["data"]["b"] == {}
-    assert record.message["payload"]["data"]["n"] == 12345678901234567890
+    data = producer_message(stored)["payload"]["data"]
+    assert data["a"] == [] and data["b"] == {} and data["n"] == 12345678901234567890
 
 
 @pytest.mark.parametrize("message", [
@@ -426,7 +480,7 @@ async def test_a_record_whose_expires_at_passes_is_skipped_by_since(make: Factor
     replay = await history.since(user, lapsing.epoch or "", 0)
     assert replay.recoverable and seqs(replay.records) == [2, 3]
     record = decode_record(replay.records[0])
-    assert record is not None and record.expires_at == record.message["expiresAt"]
+    assert record is not None and record.expires_at == producer_message(replay.records[0])["expiresAt"]
 
 
 # --- refusals ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import redis.asyncio as aredis
+import ujson
 
 from tests.helpers import unique
 from tornado_gateway.history import decode_record
@@ -44,8 +45,10 @@ async def test_publisher_sends_expires_at_and_receipt_in_the_message(redis_async
                                                           expires_at_ms=expires_at, receipt=True)
     record = decode_record((await history.since(user, result.epoch or "", 0)).records[0])
     assert record is not None and record.id == result.message_id and record.expires_at == expires_at
-    assert record.message == {"type": "ride_request", "payload": {"requestId": "r1", "stops": []},
-                              "expiresAt": expires_at, "receipt": True}
+    assert record.frame is not None  # the publisher writes messages that clients get as they are
+    assert ujson.loads(record.frame) == {"type": "ride_request", "payload": {"requestId": "r1", "stops": []},
+                                         "expiresAt": expires_at, "receipt": True, "id": result.message_id,
+                                         "timestamp": record.timestamp, "seq": 1}
 
 
 async def test_publisher_delivers_latest_value_types_live_with_seq_0(redis_async: aredis.Redis, prefix: str,

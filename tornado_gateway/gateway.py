@@ -504,9 +504,12 @@ class Gateway:
             self.metrics.timing(m.per_type(m.DELIVERY_MS, kind), now_ms() - record.timestamp)
 
     def _record_frame(self, record: Record) -> tuple[bytes, str] | None:
+        if record.frame is not None and record.kind is not None:
+            return record.frame, record.kind
+        message = record.message or {}  # never None here: decode_record sets frame or message
         try:
-            kind, payload, _ref, _stamp = validate_service_message(record.message)
-            return service_frame(kind, payload, record.id, record.timestamp, record.message, record.expires_at,
+            kind, payload, _ref, _stamp = validate_service_message(message)
+            return service_frame(kind, payload, record.id, record.timestamp, message, record.expires_at,
                                  record.seq), kind
         except (ValueError, OverflowError, ValidationError) as exc:
             self._undeliverable(str(exc))

@@ -235,9 +235,9 @@ local function user_channel(user_id)
   return USER_HEAD .. '{' .. (hash_tag(user_id) or '') .. '}:' .. user_id
 end
 
--- What the record needs of a valid message: its type, producer id (or nil), expiresAt (or nil) and
--- timestamp as text; for an invalid one nil and the reason (the same words as history.check_message).
--- Values, not a table: one table less per call.
+-- What the record needs of a valid message: its type, producer id (or nil), expiresAt (or nil),
+-- timestamp as text and the decoded message; for an invalid one nil and the reason (the same words as
+-- history.check_message). Values, not a table: one table less per call.
 local function check_message(raw, time)
   if type(raw) ~= 'string' then return nil, NOT_JSON_REASON end
   if #raw > MAX_MESSAGE_SIZE then
@@ -277,7 +277,27 @@ local function check_message(raw, time)
   else
     stamp = now_text(time)
   end
-  return kind, id, expires, stamp
+  return kind, id, expires, stamp, message
+end
+
+-- history.splice_flags, as text for the record's head, or nil: whether the gateway may send the
+-- producer's bytes with a tail appended ('1': its id, '2': the timestamp, '3': both, '0': only seq).
+local SPLICE_KEYS = {type = true, payload = true, id = true, timestamp = true, expiresAt = true, receipt = true}
+local function splice_flags(raw, message, expires)
+  if byte(raw, -1) ~= 125 then return nil end  -- '}'
+  for key, value in next, message do
+    if not SPLICE_KEYS[key] or value == null then return nil end
+  end
+  local receipt, stamp = message.receipt, message.timestamp
+  if receipt ~= nil and receipt ~= true then return nil end
+  if expires and not find(raw, '"expiresAt":' .. int_text(expires), 1, true) then return nil end
+  if stamp == nil then
+    if message.id == nil then return '3' end
+    return '2'
+  end
+  if not integral(stamp) or not find(raw, '"timestamp":' .. int_text(stamp), 1, true) then return nil end
+  if message.id == nil then return '1' end
+  return '0'
 end
 
 -- A producer id as a JSON string, as history.record_bytes (ujson) writes it: cjson also escapes '/'
@@ -289,12 +309,13 @@ end
 
 -- history.record_bytes, byte for byte, in one concatenation; the id is the producer's (escaped by
 -- id_json) or, without one, made of epoch and seq (nothing to escape).
-local function record_text(seq_text, epoch, id, expires, stamp, raw)
-  local expiry, id_text = '', nil
+local function record_text(seq_text, epoch, id, expires, stamp, raw, kind, splice)
+  local expiry, id_text, spliced = '', nil, ''
   if expires then expiry = ',"expiresAt":' .. int_text(expires) end
   if id then id_text = id_json(id) else id_text = '"' .. epoch .. '-' .. seq_text .. '"' end
+  if splice then spliced = ',"type":"' .. kind .. '","splice":' .. splice end
   return '{"recorded":{"seq":' .. seq_text .. ',"epoch":"' .. epoch .. '"' .. expiry .. ',"timestamp":'
-    .. stamp .. ',"id":' .. id_text .. '},"message":' .. raw .. '}'
+    .. stamp .. ',"id":' .. id_text .. spliced .. '},"message":' .. raw .. '}'
 end
 
 -- A Redis restored from an RDB snapshot (no AOF) may have taken a user's seq back while the epoch
@@ -351,7 +372,7 @@ end
 local function record(user_id, raw)
   if type(user_id) ~= 'string' or user_id == '' then return nil, EMPTY_USER_REASON end
   local time = call('TIME')
-  local kind, id, expires, stamp = check_message(raw, time)
+  local kind, id, expires, stamp, message = check_message(raw, time)
   if not kind then return nil, id end
   if HISTORY_SIZE == 0 or LATEST_VALUE[kind] then
     call(PUBLISH_COMMAND, user_channel(user_id), raw)
@@ -381,7 +402,7 @@ local function record(user_id, raw)
     call('HSET', meta, 'seq', seq_text)
   end
   has_ids = has_ids or new_ids
-  local data = record_text(seq_text, epoch, id, expires, stamp, raw)
+  local data = record_text(seq_text, epoch, id, expires, stamp, raw, kind, splice_flags(raw, message, expires))
   -- Trimmed in batches: the list holds up to HISTORY_SIZE + TRIM_SLACK records, since_function
   -- serves the last HISTORY_SIZE of them.
   local length = call('RPUSH', list, data)
