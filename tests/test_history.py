@@ -364,6 +364,14 @@ def test_a_spliced_frame_says_what_the_re_encoded_frame_says(message: str, splic
     assert ujson.loads(spliced.frame or re_encoded) == ujson.loads(re_encoded)
 
 
+def test_a_record_whose_head_is_not_laid_out_for_splicing_is_parsed_instead() -> None:
+    data = (b'{"recorded":{"seq":1,"epoch":"e","timestamp":5,"id":"e-1","type":"notification","splice":2},'
+            b'"message":{"type":"notification","payload":{"title":"t","body":"b"},"trace":"x"}}')
+    record = decode_record(data)
+    assert record is not None and record.frame is None
+    assert record.message == {"type": "notification", "payload": {"title": "t", "body": "b"}, "trace": "x"}
+
+
 async def test_payload_comes_back_byte_exact(make: Factory) -> None:
     backend = await make()
     user = unique("u")

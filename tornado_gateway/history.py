@@ -10,19 +10,26 @@ byte for byte, wrapped by string concatenation (never decoded and re-encoded, wh
 `[]` into `{}` in Lua or round big numbers)::
 
     {"recorded":{"seq":7,"epoch":"t5x9k21a3f","expiresAt":1767000060000,"timestamp":1767000000000,
-                 "id":"<message id>","type":"ride_request","splice":1},"message":<the producer's JSON, verbatim>}
+                 "id":"<message id>"},"message":<the producer's JSON, verbatim>}
 
 `expiresAt` is present only when the message has one. A plain v1 envelope always has a top-level
 `type` and a record never does, which is how `decode_record` tells them apart on a user channel.
 
-`type` and `splice` (added in the release after 31017ce; a gateway that does not know them reads the
-record as before) are present only when the message can reach clients as its own bytes plus a tail:
-its top-level keys are envelope fields (SPLICE_KEYS), none null, `receipt` (if any) is true, and its
-`timestamp` and `expiresAt` (if any) are written as the integers the head holds. The gateway then
-builds the frame by appending `id` (if `splice` has SPLICE_ID), `timestamp` (SPLICE_TIMESTAMP) and `seq`
-to the producer's bytes instead of parsing and re-encoding them: 1.2 us against 3.0 per recorded
-message (timeit). The recording step has validated those bytes strictly (JSON, UTF-8, finite
-numbers), which is what the re-encoding was for. Any other message is parsed and re-encoded.
+A message that can reach clients as its own bytes plus a tail is recorded with a head that also has
+`type` and `splice` (added after 31017ce; a gateway that does not know them reads the record as
+before), with `id` and `timestamp` moved to its end::
+
+    {"recorded":{"seq":7,"epoch":"t5x9k21a3f","type":"ride_request","splice":3,"id":"t5x9k21a3f-7",
+                 "timestamp":1767000000000},"message":<the producer's JSON, verbatim>}
+
+That is when its top-level keys are envelope fields (SPLICE_KEYS), none null, `receipt` (if any) is
+true, and its `timestamp` and `expiresAt` (if any) are written as the integers the head holds. The
+gateway then makes the frame from the producer's bytes without their last `}`, the head's own
+`,"id":...` (if `splice` has SPLICE_ID) and `,"timestamp":...` (SPLICE_TIMESTAMP) text, and
+`,"seq":7}`, instead of parsing and re-encoding the message. The recording step validated those
+bytes strictly (JSON, UTF-8, finite numbers), which is what the re-encoding was for. Any other
+message is parsed and re-encoded. The prefix up to `expiresAt` is the same in both forms: the since
+function reads `expiresAt` there.
 Live-only messages (latest-value types, or `HISTORY_SIZE=0`) are published verbatim, as a plain
 envelope without `seq`, exactly like a service's own `PUBLISH`.
 """
@@ -68,6 +75,8 @@ RECORD_MESSAGE: Final = b',"message":'
 SPLICE_KEYS: Final = frozenset({"type", "payload", "id", "timestamp", "expiresAt", "receipt"})
 SPLICE_ID: Final = 1
 SPLICE_TIMESTAMP: Final = 2
+SPLICE_ID_TEXT: Final = b',"id":'
+SPLICE_TIMESTAMP_TEXT: Final = b',"timestamp":'
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,20 +286,26 @@ def record_bytes(seq: int, epoch: str, message_id: str, timestamp: int, expires_
                  message: bytes, kind: str | None = None, splice: int | None = None) -> bytes:
     """Wrap the producer's bytes without touching them; the Lua builds the same bytes."""
     expiry = f',"expiresAt":{expires_at}' if expires_at is not None else ""
-    spliced = f',"type":"{kind}","splice":{splice}' if splice is not None else ""
-    head = (f'{{"recorded":{{"seq":{seq},"epoch":"{epoch}"{expiry},"timestamp":{timestamp},'
-            f'"id":{dumps(message_id)}{spliced}}}')
+    start = f'{{"recorded":{{"seq":{seq},"epoch":"{epoch}"{expiry}'
+    if splice is None:
+        head = f'{start},"timestamp":{timestamp},"id":{dumps(message_id)}}}'
+    else:
+        head = f'{start},"type":"{kind}","splice":{splice},"id":{dumps(message_id)},"timestamp":{timestamp}}}'
     return head.encode() + RECORD_MESSAGE + message + b"}"
 
 
-def spliced_frame(raw: bytes, splice: int, message_id: str, timestamp: int, seq: int) -> bytes:
-    """The client frame of a record that can be spliced: the producer's bytes, then what they lack."""
+def spliced_frame(data: bytes, head_end: int, splice: int, seq: int) -> bytes | None:
+    """The client frame of a spliced record (`head_end`: where its head's `}` ends); None if the
+    head is not laid out as record_bytes writes it."""
     tail = b',"seq":%d}' % seq
-    if splice & SPLICE_TIMESTAMP:
-        tail = b',"timestamp":%d' % timestamp + tail
-    if splice & SPLICE_ID:
-        tail = b',"id":' + dumps(message_id).encode() + tail
-    return raw[:-1] + tail
+    if splice & (SPLICE_ID | SPLICE_TIMESTAMP):
+        first = SPLICE_ID_TEXT if splice & SPLICE_ID else SPLICE_TIMESTAMP_TEXT
+        start = data.find(first, len(RECORD_START), head_end)
+        stop = head_end - 1 if splice & SPLICE_TIMESTAMP else data.find(SPLICE_TIMESTAMP_TEXT, start, head_end)
+        if start < 0 or stop < 0 or data.count(b',"', start, stop) != (2 if splice == 3 else 1):
+            return None  # one field each: no more of the head than asked for
+        tail = data[start:stop] + tail
+    return data[head_end + len(RECORD_MESSAGE):-2] + tail
 
 
 def decode_record(data: bytes) -> Record | None:
@@ -314,13 +329,13 @@ def decode_record(data: bytes) -> Record | None:
     expires_at = head.get("expiresAt")
     if type(expires_at) is not int:
         expires_at = None
-    raw = data[end + len(RECORD_MESSAGE):-1]
     splice, kind = head.get("splice"), head.get("type")
     if type(splice) is int and kind in SERVICE_REQUIRED_FIELDS:
-        return Record(seq, epoch, message_id, stamp, None, expires_at,
-                      spliced_frame(raw, splice, message_id, stamp, seq), kind)
+        frame = spliced_frame(data, end, splice, seq)
+        if frame is not None:
+            return Record(seq, epoch, message_id, stamp, None, expires_at, frame, kind)
     try:
-        message = ujson.loads(raw)
+        message = ujson.loads(data[end + len(RECORD_MESSAGE):-1])
     except (ValueError, OverflowError, RecursionError):
         return None
     if type(message) is not dict:

@@ -310,12 +310,15 @@ end
 -- history.record_bytes, byte for byte, in one concatenation; the id is the producer's (escaped by
 -- id_json) or, without one, made of epoch and seq (nothing to escape).
 local function record_text(seq_text, epoch, id, expires, stamp, raw, kind, splice)
-  local expiry, id_text, spliced = '', nil, ''
+  local expiry, id_text = '', nil
   if expires then expiry = ',"expiresAt":' .. int_text(expires) end
   if id then id_text = id_json(id) else id_text = '"' .. epoch .. '-' .. seq_text .. '"' end
-  if splice then spliced = ',"type":"' .. kind .. '","splice":' .. splice end
+  if splice then
+    return '{"recorded":{"seq":' .. seq_text .. ',"epoch":"' .. epoch .. '"' .. expiry .. ',"type":"' .. kind
+      .. '","splice":' .. splice .. ',"id":' .. id_text .. ',"timestamp":' .. stamp .. '},"message":' .. raw .. '}'
+  end
   return '{"recorded":{"seq":' .. seq_text .. ',"epoch":"' .. epoch .. '"' .. expiry .. ',"timestamp":'
-    .. stamp .. ',"id":' .. id_text .. spliced .. '},"message":' .. raw .. '}'
+    .. stamp .. ',"id":' .. id_text .. '},"message":' .. raw .. '}'
 end
 
 -- A Redis restored from an RDB snapshot (no AOF) may have taken a user's seq back while the epoch
