@@ -315,7 +315,7 @@ def decode_record(data: bytes) -> Record | None:
     beyond 64 bits as they are, so the payload the gateway re-encodes from `message` is the one the
     producer sent. Run for every recorded message delivered: lookups that raise and `type() is`
     checks (which also keep bools out) instead of `.get()` and isinstance. The head ends at the first
-    `},"message":`: inside a JSON string a quote is always escaped, so that text is never in one."""
+    `,"message":`: inside a JSON string a quote is always escaped, so that text is never in one."""
     end = data.find(RECORD_MESSAGE, len(RECORD_START))
     if end < 0 or not data.startswith(RECORD_START) or not data.endswith(b"}"):
         return None
