@@ -316,8 +316,10 @@ def decode_record(data: bytes) -> Record | None:
     producer sent. Run for every recorded message delivered: lookups that raise and `type() is`
     checks (which also keep bools out) instead of `.get()` and isinstance. The head ends at the first
     `,"message":`: inside a JSON string a quote is always escaped, so that text is never in one."""
+    if not data.startswith(RECORD_START) or not data.endswith(b"}"):
+        return None
     end = data.find(RECORD_MESSAGE, len(RECORD_START))
-    if end < 0 or not data.startswith(RECORD_START) or not data.endswith(b"}"):
+    if end < 0:
         return None
     try:
         head = ujson.loads(data[len(RECORD_START):end])

@@ -35,6 +35,9 @@ from .history import (
     LATEST_VALUE_TYPES,
     MAX_SAFE_INTEGER,
     NOT_JSON_REASON,
+    SPLICE_ID,
+    SPLICE_KEYS,
+    SPLICE_TIMESTAMP,
     UNKNOWN_TYPE_REASON,
     Position,
     RecordResult,
@@ -281,8 +284,7 @@ local function check_message(raw, time)
 end
 
 -- history.splice_flags, as text for the record's head, or nil: whether the gateway may send the
--- producer's bytes with a tail appended ('1': its id, '2': the timestamp, '3': both, '0': only seq).
-local SPLICE_KEYS = {type = true, payload = true, id = true, timestamp = true, expiresAt = true, receipt = true}
+-- producer's bytes with a tail appended (SPLICE_ID, SPLICE_TIMESTAMP, both, or '0': only seq).
 local function splice_flags(raw, message, expires)
   if byte(raw, -1) ~= 125 then return nil end  -- '}'
   for key, value in next, message do
@@ -292,11 +294,11 @@ local function splice_flags(raw, message, expires)
   if receipt ~= nil and receipt ~= true then return nil end
   if expires and not find(raw, '"expiresAt":' .. int_text(expires), 1, true) then return nil end
   if stamp == nil then
-    if message.id == nil then return '3' end
-    return '2'
+    if message.id == nil then return SPLICE_BOTH end
+    return SPLICE_TIMESTAMP
   end
   if not integral(stamp) or not find(raw, '"timestamp":' .. int_text(stamp), 1, true) then return nil end
-  if message.id == nil then return '1' end
+  if message.id == nil then return SPLICE_ID end
   return '0'
 end
 
@@ -522,6 +524,7 @@ def render_library(keys: Keys, *, size: int, ttl_s: float, max_message_size: int
     required = ", ".join(f"[{lua_string(kind)}] = {{{', '.join(map(lua_string, fields))}}}"
                          for kind, fields in SERVICE_REQUIRED_FIELDS.items())
     latest = ", ".join(f"[{lua_string(kind)}] = true" for kind in sorted(LATEST_VALUE_TYPES))
+    splice_keys = ", ".join(f"[{lua_string(key)}] = true" for key in sorted(SPLICE_KEYS))
     constants = "\n".join([
         f"local FN = {lua_string(keys.function_prefix())}",
         f"local HISTORY_HEAD = {lua_string(keys.prefix + ':history:{')}",
@@ -533,6 +536,9 @@ def render_library(keys: Keys, *, size: int, ttl_s: float, max_message_size: int
         f"local TTL_MARGIN_DIGITS = {margin_digits}",
         f"local TTL_MARGIN_S = {10 ** max(0, margin_digits)}",
         f"local TRIM_SLACK = {trim_slack(size)}",
+        f"local SPLICE_KEYS = {{{splice_keys}}}",
+        f"local SPLICE_ID, SPLICE_TIMESTAMP = '{SPLICE_ID}', '{SPLICE_TIMESTAMP}'",
+        f"local SPLICE_BOTH = '{SPLICE_ID | SPLICE_TIMESTAMP}'",
         f"local TRIM_START = '{-size}'",
         f"local MAX_MESSAGE_SIZE = {max_message_size}",
         f"local MAX_ID_LENGTH = {MAX_ID_LENGTH}",
